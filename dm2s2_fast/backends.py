@@ -1,0 +1,171 @@
+"""Backend registry and dispatch (DESIGN §4).
+
+Each backend declares the devices it runs on and, when it cannot run, why not. Kernel modules
+register their ops here on import; they are imported lazily, so importing the package never needs
+the compiled extension, Triton or a GPU. ``backend="auto"`` takes, per op, the first backend of the
+device's preference order that is available and supports the call; an explicit backend that cannot
+serve the call raises ``BackendUnavailable`` with the reasons, never falls back silently.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+OPS = ("set_attention", "embed_layernorm", "add_layernorm", "bias_gelu", "intra_mra", "inter_mra",
+       "mra_pool")
+BACKENDS = ("torch", "triton", "cpp", "cuda")
+
+# Where each backend's kernels live; importing the module registers them.
+_MODULES = {
+    "torch": "dm2s2_fast.ops",
+    "triton": "dm2s2_fast.triton",
+    "cpp": "dm2s2_fast.cpp",
+    "cuda": "dm2s2_fast.cuda",
+}
+
+# Auto preference per device. On CUDA it is per op: the faster of `cuda` and `triton` as measured on
+# the device (see AUTO_CUDA_ORDER's comment in dm2s2_fast/cuda.py once measured); Triton until then.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
+AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this call; the message says why."""
+
+
+# A `supports` check returns None when the backend can run the call, else the reason it cannot.
+SupportsFn = Callable[..., "str | None"]
+
+
+@dataclass
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    kernels: dict[str, Callable] = field(default_factory=dict)
+    supports: dict[str, SupportsFn] = field(default_factory=dict)
+    unavailable_reason: str | None = None  # set when the module failed to import or to load
+
+
+_registry: dict[str, Backend] = {}
+_load_errors: dict[str, str] = {}
+
+
+def register_backend(name: str, devices: tuple[str, ...], unavailable_reason: str | None = None) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known: {BACKENDS}")
+    backend = _registry.get(name)
+    if backend is None:
+        backend = _registry[name] = Backend(name, tuple(devices))
+    backend.devices = tuple(devices)
+    backend.unavailable_reason = unavailable_reason
+    return backend
+
+
+def register_kernel(op: str, backend: str, supports: SupportsFn | None = None):
+    """Decorator: ``fn`` implements ``op`` for ``backend`` (``supports`` may refuse some calls)."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known: {OPS}")
+
+    def wrap(fn: Callable) -> Callable:
+        entry = _registry.get(backend)
+        if entry is None:
+            raise ValueError(f"register_backend({backend!r}, ...) must come before its kernels")
+        entry.kernels[op] = fn
+        if supports is not None:
+            entry.supports[op] = supports
+        return fn
+
+    return wrap
+
+
+def _load(name: str) -> Backend | None:
+    if name not in _registry and name not in _load_errors:
+        try:
+            importlib.import_module(_MODULES[name])
+        except Exception as exc:  # an optional backend's import failure is a reason, not a crash
+            _load_errors[name] = f"import {_MODULES[name]} failed: {type(exc).__name__}: {exc}"
+        if name not in _registry and name not in _load_errors:
+            _load_errors[name] = f"{_MODULES[name]} registered no backend"
+    return _registry.get(name)
+
+
+def _device_type(device: torch.device | str) -> str:
+    return torch.device(device).type
+
+
+def why_not(name: str, op: str, device: torch.device | str, args: tuple = (), kwargs: dict | None = None) -> str | None:
+    """None when backend ``name`` can run ``op`` on ``device`` for these arguments, else why not."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; known: {BACKENDS}"
+    backend = _load(name)
+    if backend is None:
+        return _load_errors[name]
+    if backend.unavailable_reason:
+        return backend.unavailable_reason
+    dev = _device_type(device)
+    if dev not in backend.devices:
+        return f"{name} runs on {'/'.join(backend.devices)}, not {dev}"
+    if op not in backend.kernels:
+        return f"{name} has no {op} kernel"
+    check = backend.supports.get(op)
+    if check is not None and args:
+        return check(*args, **(kwargs or {}))
+    return None
+
+
+def auto_order(op: str, device: torch.device | str) -> tuple[str, ...]:
+    dev = _device_type(device)
+    if dev == "cuda" and op in AUTO_CUDA_ORDER:
+        return AUTO_CUDA_ORDER[op]
+    return AUTO_ORDER.get(dev, ("torch",))
+
+
+def resolve(op: str, backend: str, device: torch.device | str, args: tuple = (), kwargs: dict | None = None) -> tuple[str, Callable]:
+    """The (backend name, kernel) that runs ``op`` for these arguments."""
+    if backend == "auto":
+        reasons = []
+        for name in auto_order(op, device):
+            reason = why_not(name, op, device, args, kwargs)
+            if reason is None:
+                return name, _registry[name].kernels[op]
+            reasons.append(f"{name}: {reason}")
+        raise BackendUnavailable(f"no backend can run {op} on {device}: " + "; ".join(reasons))
+    reason = why_not(backend, op, device, args, kwargs)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {backend!r} cannot run {op} on {device}: {reason}")
+    return backend, _registry[backend].kernels[op]
+
+
+def call(op: str, backend: str, device: torch.device, *args, **kwargs):
+    _, fn = resolve(op, backend, device, args, kwargs)
+    return fn(*args, **kwargs)
+
+
+def check_backend(backend: str, device: torch.device | str) -> None:
+    """Raise early when an explicit backend cannot run on ``device`` at all."""
+    if backend == "auto":
+        return
+    reasons = [r for op in OPS if (r := why_not(backend, op, device)) is not None]
+    if len(reasons) == len(OPS):
+        raise BackendUnavailable(f"backend {backend!r} cannot run on {device}: {reasons[0]}")
+
+
+def availability() -> dict[str, dict[str, str | None]]:
+    """{backend: {device: None if available else why not}} for ``python -m dm2s2_fast info``."""
+    table = {}
+    for name in BACKENDS:
+        table[name] = {}
+        for dev in ("cpu", "cuda"):
+            reason = why_not(name, "add_layernorm", dev)
+            if reason is None and dev == "cuda" and not torch.cuda.is_available():
+                reason = "no CUDA device (torch.cuda.is_available() is False)"
+            table[name][dev] = reason
+    return table
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

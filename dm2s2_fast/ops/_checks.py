@@ -1,0 +1,56 @@
+"""Argument checks shared by the public ops: a bad call raises ValueError before any kernel runs."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_float(name: str, t: torch.Tensor, ndim: int, like: torch.Tensor | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a float tensor, got {t.dtype}")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, expected {like.dtype}")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device}, expected {like.device}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_index(name: str, t: torch.Tensor, n: int, like: torch.Tensor, low: int, high: int) -> None:
+    """``t`` is a 1-D integer tensor of ``n`` entries on ``like``'s device, every entry in [low, high)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor")
+    if t.numel() != n:
+        raise ValueError(f"{name} must have {n} entries, got {t.numel()}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device}, expected {like.device}")
+    if n and (int(t.min()) < low or int(t.max()) >= high):
+        raise ValueError(f"{name} has entries outside [{low}, {high}): min {int(t.min())}, max {int(t.max())}")
+
+
+def check_offsets(name: str, cu: torch.Tensor, total: int, like: torch.Tensor) -> int:
+    """``cu`` is a non-decreasing int32 offset vector from 0 to ``total``; returns its group count."""
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype != torch.int32 or cu.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D int32 tensor of G+1 offsets")
+    if cu.device != like.device:
+        raise ValueError(f"{name} is on {cu.device}, expected {like.device}")
+    host = cu.cpu()
+    if int(host[0]) != 0 or int(host[-1]) != total:
+        raise ValueError(f"{name} must run from 0 to {total}, got {int(host[0])}..{int(host[-1])}")
+    if cu.numel() > 1 and bool((host[1:] < host[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing")
+    return cu.numel() - 1
+
+
+def max_group(cu: torch.Tensor) -> int:
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0

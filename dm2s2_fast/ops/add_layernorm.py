@@ -1,0 +1,25 @@
+"""Residual add + LayerNorm, the BERT post-LN epilogue."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from ._checks import check_float, check_shape
+
+
+def add_layernorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  eps: float, *, backend: str = "auto") -> torch.Tensor:
+    """LayerNorm(x + residual) over the last dim; x, residual [N, d]; statistics in fp32."""
+    check_float("x", x, 2)
+    check_float("residual", residual, 2, like=x)
+    check_shape("residual", residual, x.shape)
+    for name, p in (("weight", weight), ("bias", bias)):
+        check_float(name, p, 1, like=x)
+        check_shape(name, p, (x.shape[1],))
+    return backends.call("add_layernorm", backend, x.device, x, residual, weight, bias, float(eps))
+
+
+@backends.register_kernel("add_layernorm", "torch")
+def add_layernorm_torch(x, residual, weight, bias, eps):
+    return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)

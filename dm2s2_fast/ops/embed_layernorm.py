@@ -1,0 +1,64 @@
+"""Embedding gather (or projected dense input) + position + modality type + LayerNorm, fused."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from ._checks import check_float, check_index, check_shape
+
+
+def embed_layernorm(positions: torch.Tensor, type_ids: torch.Tensor, position_table: torch.Tensor,
+                    type_table: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
+                    ids: torch.Tensor | None = None, table: torch.Tensor | None = None,
+                    dense: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    out_rows: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """``LayerNorm(content_i + position_table[positions_i] + type_table[type_ids_i])`` for n elements.
+
+    content is ``table[ids]`` (ids [n] into table [R, d]) or ``dense`` [n, d] (a projected input):
+    exactly one of the two. With ``out`` [N, d] and ``out_rows`` [n] (distinct rows), row i is
+    written to ``out[out_rows[i]]`` in place and ``out`` is returned — how the engine packs each
+    modality into the sample-major layout without a second pass; else a new [n, d] is returned.
+    """
+    check_float("position_table", position_table, 2)
+    d = position_table.shape[1]
+    like = position_table
+    check_float("type_table", type_table, 2, like=like)
+    for name, p in (("weight", weight), ("bias", bias)):
+        check_float(name, p, 1, like=like)
+        check_shape(name, p, (d,))
+    if (ids is None) == (dense is None) or (ids is None) != (table is None):
+        raise ValueError("give either ids and table, or dense")
+    if ids is not None:
+        check_float("table", table, 2, like=like)
+        check_shape("table", table, (table.shape[0], d))
+        n = ids.numel()
+        check_index("ids", ids, n, like, 0, table.shape[0])
+    else:
+        check_float("dense", dense, 2, like=like)
+        n = dense.shape[0]
+        check_shape("dense", dense, (n, d))
+    check_index("positions", positions, n, like, 0, position_table.shape[0])
+    check_index("type_ids", type_ids, n, like, 0, type_table.shape[0])
+    if (out is None) != (out_rows is None):
+        raise ValueError("out and out_rows go together")
+    if out is not None:
+        check_float("out", out, 2, like=like)
+        check_shape("out", out, (out.shape[0], d))
+        check_index("out_rows", out_rows, n, like, 0, out.shape[0])
+        if n and torch.unique(out_rows).numel() != n:
+            raise ValueError("out_rows must be distinct")
+    return backends.call("embed_layernorm", backend, like.device, positions, type_ids, position_table,
+                         type_table, weight, bias, float(eps), ids, table, dense, out, out_rows)
+
+
+@backends.register_kernel("embed_layernorm", "torch")
+def embed_layernorm_torch(positions, type_ids, position_table, type_table, weight, bias, eps,
+                          ids, table, dense, out, out_rows):
+    content = table[ids] if ids is not None else dense
+    e = content + position_table[positions] + type_table[type_ids]
+    y = F.layer_norm(e, (e.shape[-1],), weight, bias, eps)
+    if out is None:
+        return y
+    out[out_rows] = y
+    return out
