@@ -1,0 +1,114 @@
+"""FastDM2S2: the ragged engine — the reference model's parameters run through the ops of §3."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backends
+from .output import DM2S2Output
+from .reference import DM2S2
+from .sequence_set import SequenceSet
+
+
+class FastDM2S2(nn.Module):
+    """Inference-only DM²S² over packed, unpadded batches.
+
+    Shares (does not copy) the parameters of a reference ``DM2S2``; takes the same ``SequenceSet``
+    and returns the same ``DM2S2Output``. Runs under ``torch.inference_mode``: nothing it returns
+    carries gradients — train the reference model instead. ``backend`` is ``"auto"`` (per op, the
+    fastest backend available for the tensors' device) or one of ``torch``, ``triton``, ``cpp``,
+    ``cuda`` (raises ``BackendUnavailable`` with the reasons when it cannot run).
+    """
+
+    def __init__(self, model: DM2S2, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(model, DM2S2):
+            raise TypeError(f"convert takes a dm2s2_fast.reference.DM2S2, got {type(model).__name__}")
+        if backend != "auto" and backend not in backends.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {backends.BACKENDS}")
+        self.model = model
+        self.config = model.config
+        self.backend = backend
+        self.last_backends: dict[str, str] = {}  # op -> backend that ran it in the last forward
+        backends.check_backend(backend, next(model.parameters()).device)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FastDM2S2":
+        if mode:
+            raise RuntimeError("FastDM2S2 is inference-only; train dm2s2_fast.reference.DM2S2 and convert it")
+        return super().train(False)
+
+    def _op(self, op: str, *args):
+        name, fn = backends.resolve(op, self.backend, args[0].device, args)
+        self.last_backends[op] = name
+        return fn(*args)
+
+    def forward(self, batch: SequenceSet) -> DM2S2Output:
+        if not isinstance(batch, SequenceSet):
+            raise TypeError(f"FastDM2S2 takes a SequenceSet, got {type(batch).__name__}")
+        if batch.config.modalities != self.config.modalities:
+            raise ValueError("the batch was built for a config with other modalities")
+        if any(v.requires_grad for v in batch.values.values()):
+            raise RuntimeError("FastDM2S2 is inference-only and cannot give gradients; use "
+                               "dm2s2_fast.reference.DM2S2 for training")
+        with torch.inference_mode():
+            return self._forward(batch)
+
+    def _forward(self, batch: SequenceSet) -> DM2S2Output:
+        cfg, model = self.config, self.model
+        emb = model.embeddings
+        weight = emb.word.weight
+        if batch.device != weight.device:
+            raise ValueError(f"the batch is on {batch.device} but the model is on {weight.device}; "
+                             f"move one with .to()")
+        layout = batch.layout
+        N, d = layout.num_elements, cfg.hidden_size
+        h = torch.empty(N, d, dtype=weight.dtype, device=weight.device)
+        for m, modality in enumerate(cfg.modalities):
+            rows = layout.rows[m]
+            if rows.numel() == 0:
+                continue
+            values = batch.values[modality.name]
+            type_ids = torch.full_like(rows, m)
+            if modality.kind == "dense":
+                ids, table = None, None
+                dense = emb.content(modality, values)
+            else:
+                ids, table, dense = values, emb.table(modality).weight, None
+            self._op("embed_layernorm", layout.positions[m], type_ids, emb.position.weight,
+                     emb.token_type.weight, emb.layer_norm.weight, emb.layer_norm.bias,
+                     emb.layer_norm.eps, ids, table, dense, h, rows)
+
+        if cfg.attention == "set":
+            cu, max_len = layout.cu_seqlens_set, layout.max_seqlen_set
+        else:
+            cu, max_len = layout.cu_seqlens_segment, layout.max_seqlen_segment
+        H, D = cfg.num_heads, cfg.head_dim
+        scale = D ** -0.5
+        for layer in model.layers:
+            qkv = F.linear(h, layer.qkv.weight, layer.qkv.bias).view(N, 3, H, D)
+            context = self._op("set_attention", qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, scale)
+            attended = F.linear(context.reshape(N, d), layer.attention_output.weight,
+                                layer.attention_output.bias)
+            norm = layer.attention_norm
+            h = self._op("add_layernorm", attended, h, norm.weight, norm.bias, norm.eps)
+            inner = self._op("bias_gelu", F.linear(h, layer.intermediate.weight), layer.intermediate.bias)
+            out = F.linear(inner, layer.output.weight, layer.output.bias)
+            norm = layer.output_norm
+            h = self._op("add_layernorm", out, h, norm.weight, norm.bias, norm.eps)
+
+        intra, inter = model.intra_mra, model.inter_mra
+        z, r, alpha, beta = self._op("mra_pool", h, layout.cu_seqlens_segment, layout.cu_segments,
+                                     intra.proj.weight, intra.proj.bias, intra.score,
+                                     inter.proj.weight, inter.proj.bias, inter.score)
+        head = model.head
+        hidden = self._op("bias_gelu", F.linear(r, head.hidden.weight), head.hidden.bias)
+        logits = F.linear(hidden, head.out.weight, head.out.bias)
+        return DM2S2Output(logits=logits, pooled=r, hidden=h, intra_weights=alpha, inter_weights=beta,
+                           segment_pooled=z, layout=layout)
+
+
+def convert(model: DM2S2, backend: str = "auto") -> FastDM2S2:
+    """The drop-in replacement: a FastDM2S2 sharing ``model``'s parameters (no copy)."""
+    return FastDM2S2(model, backend=backend)
