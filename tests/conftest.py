@@ -1,0 +1,85 @@
+"""Shared test fixtures: small configs, random ragged batches, the fp64 oracle, the parity metric."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dm2s2_fast import DM2S2Config, Modality, SequenceSet
+from dm2s2_fast.reference import DM2S2
+
+# DESIGN §5: ‖out − ref‖ / ‖ref‖ against an fp64 run of the reference.
+FP32_TOL = 1e-5
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "output holds NaN/inf"
+    denom = ref.norm()
+    return float((out - ref).norm() / denom) if denom > 0 else float((out - ref).norm())
+
+
+def small_config(attention: str = "set", **overrides) -> DM2S2Config:
+    fields = dict(
+        modalities=(Modality("title", "tokens"), Modality("tags", "categorical", num_embeddings=17),
+                    Modality("image", "dense", input_dim=6), Modality("body", "tokens")),
+        vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+        max_positions=64, attention=attention, mra_hidden_size=24, head_hidden_size=16, num_outputs=2)
+    fields.update(overrides)
+    return DM2S2Config(**fields)
+
+
+def random_model(config: DM2S2Config, seed: int = 0) -> DM2S2:
+    """A reference model with weights large enough that attention and MRA weights are far from uniform."""
+    torch.manual_seed(seed)
+    model = DM2S2(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1)
+    return model
+
+
+def random_lengths(B: int, M: int, g: torch.Generator, max_len: int = 40) -> torch.Tensor:
+    """[B, M] lengths mixing missing (0), length-1, short and long-tail sequences; sample 0 is empty."""
+    kind = torch.randint(0, 4, (B, M), generator=g)
+    short = torch.randint(2, 8, (B, M), generator=g)
+    long = torch.randint(8, max_len + 1, (B, M), generator=g)
+    lengths = torch.where(kind == 0, 0, torch.where(kind == 1, 1, torch.where(kind == 2, short, long)))
+    if B > 1:
+        lengths[0] = 0
+    return lengths
+
+
+def random_batch(config: DM2S2Config, B: int, seed: int = 0, max_len: int = 40,
+                 lengths: torch.Tensor | None = None) -> SequenceSet:
+    g = torch.Generator().manual_seed(seed)
+    if lengths is None:
+        lengths = random_lengths(B, config.num_modalities, g, max_len)
+    jagged = {}
+    for m, modality in enumerate(config.modalities):
+        lm = lengths[:, m]
+        total = int(lm.sum())
+        if modality.kind == "dense":
+            values = torch.randn(total, modality.input_dim, generator=g)
+        else:
+            high = config.vocab_size if modality.kind == "tokens" else modality.num_embeddings
+            values = torch.randint(0, high, (total,), generator=g)
+        jagged[modality.name] = (values, lm)
+    return SequenceSet.from_jagged(config, jagged)
+
+
+def fp64_reference(model: DM2S2, batch: SequenceSet):
+    """The oracle: the reference model run in float64 on the same batch."""
+    oracle = copy.deepcopy(model).double()
+    with torch.no_grad():
+        return oracle(batch)
+
+
+@pytest.fixture(params=["set", "modality"])
+def attention(request):
+    return request.param
