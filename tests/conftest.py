@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run only in its interpreter; set it before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dm2s2_fast import DM2S2Config, Modality, SequenceSet
 from dm2s2_fast.reference import DM2S2
