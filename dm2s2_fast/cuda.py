@@ -1,0 +1,127 @@
+"""The ``cuda`` backend: CUDA kernels from ``csrc/cuda/`` (DESIGN §4), fp32/fp16/bf16 on CUDA tensors.
+
+Importing this module registers the backend. It is unavailable, with the reason, when torch has no
+CUDA, when there is no CUDA device, when the compiled library (``dm2s2_fast/_C.so``) is missing or
+fails to load, or when the library was built without its CUDA kernels (a CPU-only build). The
+kernels are the ``torch.ops.dm2s2_fast`` operators (their CUDA dispatch key); ``embed_layernorm``
+allocates its output when the caller gave none. The fake (meta) implementations for
+``torch.compile`` are shared with the cpp backend (``dm2s2_fast/cpp.py``), imported here.
+
+Which of ``cuda`` and ``triton`` ``backend="auto"`` picks per op on CUDA is recorded in
+``backends.AUTO_CUDA_ORDER`` from device measurements (``bench/gpu_ops.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _extension, backends
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def _unavailable_reason() -> str | None:
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} was built without CUDA; the cuda backend needs a CUDA build "
+                "of torch")
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    reason = _extension.load()
+    if reason is not None:
+        return reason
+    if not _extension.has_kernel("add_layernorm", "CUDA"):
+        return ("the compiled extension has no CUDA kernels (built without CUDA, or without "
+                "csrc/cuda/kernels/*.cu: rebuild with a CUDA torch and nvcc present, "
+                "`pip install --no-build-isolation -e .`)")
+    return None
+
+
+UNAVAILABLE = _unavailable_reason()
+backends.register_backend("cuda", ("cuda",), UNAVAILABLE)
+
+if UNAVAILABLE is None:
+    try:  # the shared fake (meta) registrations, for torch.compile / torch.export
+        from . import cpp as _cpp  # noqa: F401
+    except Exception:  # noqa: BLE001 - eager use does not need them
+        pass
+
+
+def _why_not(*tensors: torch.Tensor | None) -> str | None:
+    """None if the CUDA kernels take these tensors (fp32/fp16/bf16 CUDA, no autograd), else why not."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            return f"the cuda kernels take CUDA tensors, got one on {t.device}"
+        if t.dtype not in _FLOATS:
+            return f"the cuda kernels take fp32/fp16/bf16, got {t.dtype} (use backend='torch' for fp64)"
+        if grad and t.requires_grad:
+            return "the cuda kernels have no autograd; a tensor requires grad (use torch.no_grad())"
+    return None
+
+
+def _ops():
+    return torch.ops.dm2s2_fast
+
+
+# ------------------------------------------------------------------ set_attention
+def _set_attention_supports(q, k, v, cu_seqlens, max_seqlen, scale):
+    reason = _why_not(q, k, v)
+    if reason is None and q.dim() == 3 and q.shape[-1] > MAX_HEAD_DIM:
+        reason = f"the cuda set_attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}"
+    return reason
+
+
+@backends.register_kernel("set_attention", "cuda", supports=_set_attention_supports)
+def set_attention_cuda(q, k, v, cu_seqlens, max_seqlen, scale):
+    return _ops().set_attention(q, k, v, cu_seqlens, int(max_seqlen), float(scale))
+
+
+# ------------------------------------------------------------------ epilogues
+@backends.register_kernel("add_layernorm", "cuda",
+                          supports=lambda x, residual, weight, bias, eps: _why_not(x, residual, weight, bias))
+def add_layernorm_cuda(x, residual, weight, bias, eps):
+    return _ops().add_layernorm(x, residual, weight, bias, float(eps))
+
+
+@backends.register_kernel("bias_gelu", "cuda", supports=lambda x, bias: _why_not(x, bias))
+def bias_gelu_cuda(x, bias):
+    return _ops().bias_gelu(x, bias)
+
+
+def _embed_supports(positions, type_ids, position_table, type_table, weight, bias, eps, ids, table, dense,
+                    out, out_rows):
+    return _why_not(position_table, type_table, weight, bias, table, dense, out)
+
+
+@backends.register_kernel("embed_layernorm", "cuda", supports=_embed_supports)
+def embed_layernorm_cuda(positions, type_ids, position_table, type_table, weight, bias, eps, ids, table,
+                         dense, out, out_rows):
+    if out is None:
+        n = positions.shape[0]
+        out = position_table.new_empty((n, position_table.shape[1]))
+        out_rows = torch.arange(n, dtype=torch.int32, device=position_table.device)
+    _ops().embed_layernorm(positions, type_ids, position_table, type_table, weight, bias, float(eps), ids,
+                           table, dense, out, out_rows)
+    return out
+
+
+# ------------------------------------------------------------------ IntraMRA / InterMRA
+@backends.register_kernel("intra_mra", "cuda", supports=lambda h, cu, W, c, v: _why_not(h, W, c, v))
+def intra_mra_cuda(h, cu_seqlens_segment, W, c, v):
+    z, alpha = _ops().intra_mra(h, cu_seqlens_segment, W, c, v)
+    return z, alpha
+
+
+@backends.register_kernel("inter_mra", "cuda", supports=lambda z, cu, U, g, u: _why_not(z, U, g, u))
+def inter_mra_cuda(z, cu_segments, U, g, u):
+    r, beta = _ops().inter_mra(z, cu_segments, U, g, u)
+    return r, beta
+
+
+@backends.register_kernel("mra_pool", "cuda",
+                          supports=lambda h, cu1, cu2, W, c, v, U, g, u: _why_not(h, W, c, v, U, g, u))
+def mra_pool_cuda(h, cu_seqlens_segment, cu_segments, W, c, v, U, g, u):
+    z, r, alpha, beta = _ops().mra_pool(h, cu_seqlens_segment, cu_segments, W, c, v, U, g, u)
+    return z, r, alpha, beta
