@@ -27,10 +27,15 @@ _MODULES = {
     "cuda": "dm2s2_fast.cuda",
 }
 
-# Auto preference per device. On CUDA it is per op: the faster of `cuda` and `triton` as measured on
-# the device (see AUTO_CUDA_ORDER's comment in dm2s2_fast/cuda.py once measured); Triton until then.
+# Auto preference per device. On CUDA it is per op, the faster of `cuda` and `triton` as measured
+# on an H200 (bench/gpu_ops.py, ads B=256 bf16, CUDA-graph replay medians; 2026-11-30, run 1 in
+# bench/results/2026-11-30-h200/): set_attention triton 68 µs vs cuda 78; add_layernorm 23 vs 25;
+# bias_gelu 64 vs 65; embed_layernorm 14 vs 15; intra_mra cuda 56 vs triton 183; inter_mra 18 vs
+# 51; mra_pool 70 vs 243. Ops not listed use AUTO_ORDER["cuda"].
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
-AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {}
+AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
+    op: ("cuda", "triton", "torch") for op in ("intra_mra", "inter_mra", "mra_pool")
+}
 
 
 class BackendUnavailable(RuntimeError):
