@@ -41,6 +41,14 @@ BW = 4.3e12                      # B/s, measured device-to-device copy (read + w
 PEAK = {"bf16": 790e12, "fp16": 790e12, "fp32": 67e12}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKENDS = ("torch", "triton", "cuda")
+# Selectable cuda kernels, each timed and checked beside the automatic choice ("cuda"):
+# (environment variable, value, label); the variable is set for that entry only.
+CUDA_VARIANTS = {
+    "set_attention": [("DM2S2_CUDA_ATTN_TILE", "32", "tile32"), ("DM2S2_CUDA_ATTN_TILE", "64", "tile64"),
+                      ("DM2S2_CUDA_ATTN_TILE", "group", "group")],
+    "add_layernorm": [("DM2S2_CUDA_LN", "warp", "ln-warp"), ("DM2S2_CUDA_LN", "half", "ln-half")],
+    "embed_layernorm": [("DM2S2_CUDA_LN", "warp", "ln-warp"), ("DM2S2_CUDA_LN", "half", "ln-half")],
+}
 D_MODEL, HEADS, FFN, VOCAB, MAX_POS, MRA_DIM = 384, 12, 1536, 30522, 512, 384
 
 T0 = time.time()
@@ -372,10 +380,10 @@ def main() -> int:
             entries = []
             names = [b for b in args.backends.split(",") if b]
             variants = [(b, None) for b in names]
-            if op == "set_attention" and "cuda" in names:  # both tensor-core tiles, for tuning
-                variants += [("cuda", "32"), ("cuda", "64")]
-            for bname, tile in variants:
-                label = bname if tile is None else f"{bname}[tile{tile}]"
+            if "cuda" in names:  # every selectable cuda kernel variant, for tuning (env var, value)
+                variants += [("cuda", v) for v in CUDA_VARIANTS.get(op, [])]
+            for bname, variant in variants:
+                label = bname if variant is None else f"{bname}[{variant[2]}]"
                 entry = dict(op=name, dtype=dname, backend=label, floor_us=floor_s * 1e6)
                 try:
                     reason = backends.why_not(bname, op, dev, case["args"])
@@ -383,8 +391,8 @@ def main() -> int:
                         entry["error"] = f"unavailable: {reason}"
                         entries.append(entry)
                         continue
-                    if tile is not None:
-                        os.environ["DM2S2_CUDA_ATTN_TILE"] = tile
+                    if variant is not None:
+                        os.environ[variant[0]] = variant[1]
                     fn = backends.resolve(op, bname, dev, case["args"])[1]
                     a = fresh_args(case)
                     got = select_out(case, fn(*a), a)
@@ -401,7 +409,8 @@ def main() -> int:
                     traceback.print_exc()
                     torch.cuda.synchronize()
                 finally:
-                    os.environ.pop("DM2S2_CUDA_ATTN_TILE", None)
+                    if variant is not None:
+                        os.environ.pop(variant[0], None)
                 entries.append(entry)
                 log(f"{name:24s} {dname} {label:14s} " + (
                     f"eager {entry['eager_us']:9.1f} us  graph "

@@ -10,7 +10,8 @@ the tile sizes, N = 0 and G = 0, strided views, int32/int64 indices. The metric 
 Outputs must be finite; each op runs right after the caching allocator was filled with NaN blocks
 of the outputs' sizes, so an unwritten element shows as NaN (embed_layernorm writes into an
 explicit NaN-filled `out`, and rows it must not touch stay NaN). Also: launches on the current
-stream, CUDA graph capture, determinism, tile variants (DM2S2_CUDA_ATTN_TILE), opcheck.
+stream, CUDA graph capture, determinism, kernel variants (DM2S2_CUDA_ATTN_TILE=32|64|group,
+DM2S2_CUDA_LN=warp|half), opcheck.
 
 Skipped, with the reason, when there is no CUDA device or the cuda backend is unavailable, unless
 DM2S2_FAST_REQUIRE_CUDA=1 (then the module fails: for the device check, where a build without the
@@ -164,12 +165,36 @@ def test_set_attention(dtype, groups, H, D, layout):
     _attention_case(GROUPS[groups], H, D, dtype, layout, seed=len(groups) * 7 + H * D)
 
 
-@pytest.mark.parametrize("tile", ["32", "64"])
+# Every selectable tensor-core kernel (DM2S2_CUDA_ATTN_TILE): the 32- and 64-row tiled kernels and
+# the whole-group kernel ("group"; head dims 32/64, 128 falls back to the 64 tile).
+ATTN_VARIANTS = ["32", "64", "group"]
+
+
+@pytest.mark.parametrize("tile", ATTN_VARIANTS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("D", [32, 64, 128])
 def test_set_attention_tiles(monkeypatch, tile, dtype, D):
     monkeypatch.setenv("DM2S2_CUDA_ATTN_TILE", tile)
-    _attention_case(GROUPS["mixed"] + GROUPS["long"], 3, D, dtype, "packed", seed=D + int(tile))
+    seed = D + ATTN_VARIANTS.index(tile)
+    _attention_case(GROUPS["mixed"] + GROUPS["long"], 3, D, dtype, "packed", seed=seed)
+    _attention_case(GROUPS["ads_like"] + [1, 0, 16, 64, 65, 208], 12, D, dtype, "packed", seed=seed + 100)
+
+
+@pytest.mark.parametrize("tile", ATTN_VARIANTS)
+@pytest.mark.parametrize("max_seqlen", [0, 10, 64, 100])
+def test_set_attention_variants_short_max_seqlen(monkeypatch, tile, max_seqlen):
+    # An underestimated max_seqlen (groups longer than the whole-group kernel's shared-memory rows:
+    # its slow path) must still be right, for every variant; D = 64 and a 600-row group also pass
+    # the forced group kernel's 256-row cap.
+    monkeypatch.setenv("DM2S2_CUDA_ATTN_TILE", tile)
+    for D, lengths in ((32, [150, 3, 70, 64, 65, 1]), (64, [600, 17, 129])):
+        g = gen(max_seqlen + D)
+        q, k, v = _qkv(sum(lengths), 2, D, g, torch.bfloat16, "packed")
+        cu = offsets(lengths)
+        out = OPS.set_attention(q, k, v, cu, max_seqlen, 0.2)
+        ref = set_attention_torch(q.double(), k.double(), v.double(), cu, max(lengths), 0.2)
+        ref_dt = set_attention_torch(q, k, v, cu, max(lengths), 0.2)
+        check(out, ref, ref_dt, torch.bfloat16, f"set_attention[{tile}] D={D} max_seqlen={max_seqlen}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -196,7 +221,10 @@ def test_set_attention_short_max_seqlen_still_right():
     check(out, ref, ref_dt, torch.bfloat16, "set_attention max_seqlen=10")
 
 
-def test_set_attention_deterministic():
+@pytest.mark.parametrize("tile", [None] + ATTN_VARIANTS)
+def test_set_attention_deterministic(monkeypatch, tile):
+    if tile is not None:
+        monkeypatch.setenv("DM2S2_CUDA_ATTN_TILE", tile)
     g = gen(9)
     lengths = [50, 1, 0, 200, 17] * 3
     q, k, v = _qkv(sum(lengths), 12, 32, g, torch.bfloat16, "packed")
@@ -204,6 +232,22 @@ def test_set_attention_deterministic():
     a = OPS.set_attention(q, k, v, cu, 200, 0.2)
     b = OPS.set_attention(q, k, v, cu, 200, 0.2)
     assert torch.equal(a, b)
+
+
+def test_set_attention_variants_agree(monkeypatch):
+    # The variants compute the same function: on the ads-like batch their outputs agree to bf16
+    # rounding of the same fp32 statistics (each is also checked against fp64 above).
+    g = gen(21)
+    lengths = GROUPS["ads_like"] * 3
+    q, k, v = _qkv(sum(lengths), 12, 32, g, torch.bfloat16, "packed")
+    cu = offsets(lengths)
+    outs = {}
+    for tile in ATTN_VARIANTS:
+        monkeypatch.setenv("DM2S2_CUDA_ATTN_TILE", tile)
+        outs[tile] = OPS.set_attention(q, k, v, cu, max(lengths), 0.2).float()
+    for tile in ATTN_VARIANTS[1:]:
+        rel = ((outs[tile] - outs["32"]).norm() / outs["32"].norm()).item()
+        assert rel < 1e-2, (tile, rel)
 
 
 # ------------------------------------------------------------------ add_layernorm / bias_gelu
@@ -226,6 +270,25 @@ def test_add_layernorm(dtype, N, d, strided):
     ref64 = add_layernorm_torch(x.double(), res.double(), w.double(), b.double(), 1e-12)
     ref_dt = None if dtype == torch.float32 else add_layernorm_torch(x, res, w, b, 1e-12)
     check(out, ref64, ref_dt, dtype, f"add_layernorm N={N} d={d} {dtype}")
+
+
+# DM2S2_CUDA_LN: the warp-per-row and the half-warp-per-row LayerNorm kernels (auto = half when the
+# row fits; the tests above run the auto choice).
+@pytest.mark.parametrize("variant", ["warp", "half"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,d", [(1, 384), (37, 384), (1000, 384), (33, 768), (7, 64), (5, 4096), (9, 3)])
+def test_add_layernorm_variants(monkeypatch, variant, dtype, N, d):
+    monkeypatch.setenv("DM2S2_CUDA_LN", variant)
+    test_add_layernorm(dtype, N, d, strided=N % 2 == 1)
+
+
+@pytest.mark.parametrize("variant", ["warp", "half"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", [(1, 384), (301, 384), (300, 40)])
+@pytest.mark.parametrize("dense", [False, True], ids=["ids", "dense"])
+def test_embed_layernorm_variants(monkeypatch, variant, dtype, n, d, dense):
+    monkeypatch.setenv("DM2S2_CUDA_LN", variant)
+    test_embed_layernorm(dtype, n, torch.int64, dense, d)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -134,15 +134,27 @@ at::Tensor set_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
   a.head_dim = D;
   a.max_seqlen = max_seqlen;
   a.scale = static_cast<float>(scale);
-  // DM2S2_CUDA_ATTN_TILE=32|64 forces the tensor-core tile (for tuning on a GPU).
+  // DM2S2_CUDA_ATTN_TILE=32|64|group forces the tiled tensor-core kernel of that tile, or the
+  // whole-group kernel (for tuning on a GPU; unset or anything else = the automatic choice).
   if (const char* tile = std::getenv("DM2S2_CUDA_ATTN_TILE")) {
-    a.tile = std::atoi(tile);
+    a.tile = std::strcmp(tile, "group") == 0 ? dm2s2::kAttnTileGroup : std::atoi(tile);
+    if (a.tile != 32 && a.tile != 64 && a.tile != dm2s2::kAttnTileGroup) a.tile = 0;
   }
   C10_CUDA_CHECK(dm2s2::set_attention(a, current_stream()));
   return out;
 }
 
 // ------------------------------------------------------------------ add_layernorm / bias_gelu
+// DM2S2_CUDA_LN=warp|half forces the LayerNorm row kernel (for tuning on a GPU; unset or anything
+// else = the automatic choice). Read per call, like DM2S2_CUDA_ATTN_TILE.
+int layernorm_variant() {
+  const char* v = std::getenv("DM2S2_CUDA_LN");
+  if (v == nullptr) return dm2s2::kLayerNormAuto;
+  if (std::strcmp(v, "warp") == 0) return dm2s2::kLayerNormWarp;
+  if (std::strcmp(v, "half") == 0) return dm2s2::kLayerNormHalf;
+  return dm2s2::kLayerNormAuto;
+}
+
 at::Tensor add_layernorm_cuda(const at::Tensor& x_in, const at::Tensor& residual_in, const at::Tensor& weight_in,
                               const at::Tensor& bias_in, double eps) {
   TORCH_CHECK(x_in.is_cuda(), "dm2s2_fast (cuda): x must be a CUDA tensor");
@@ -162,7 +174,7 @@ at::Tensor add_layernorm_cuda(const at::Tensor& x_in, const at::Tensor& residual
   if (N == 0 || d == 0) return out;
   C10_CUDA_CHECK(dm2s2::add_layernorm(dt, x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
                                       weight.data_ptr(), bias.data_ptr(), out.data_ptr(), out.stride(0), N, d,
-                                      static_cast<float>(eps), current_stream()));
+                                      static_cast<float>(eps), current_stream(), layernorm_variant()));
   return out;
 }
 
@@ -266,6 +278,7 @@ void embed_layernorm_cuda(const at::Tensor& positions_in, const at::Tensor& type
   a.out_rs = out.stride(0);
   a.out_rows = out_rows.data_ptr();
   a.out_rows_64 = out_rows.scalar_type() == at::kLong;
+  a.ln_variant = layernorm_variant();
   C10_CUDA_CHECK(dm2s2::embed_layernorm(a, current_stream()));
 }
 

@@ -22,9 +22,11 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // ---------------------------------------------------------------- add_layernorm
 // out[i] = LayerNorm(x[i] + residual[i]) * weight + bias over d columns; statistics in fp32.
+// variant: which row kernel (kLayerNormAuto: half-warp rows when they fit, else warp rows).
+constexpr int kLayerNormAuto = 0, kLayerNormWarp = 1, kLayerNormHalf = 2;
 DM2S2_LAUNCHER_DECL cudaError_t add_layernorm(DType dt, const void* x, int64_t x_rs, const void* residual, int64_t res_rs,
                           const void* weight, const void* bias, void* out, int64_t out_rs, int64_t rows,
-                          int64_t d, float eps, cudaStream_t stream);
+                          int64_t d, float eps, cudaStream_t stream, int variant);
 
 // ---------------------------------------------------------------- bias_gelu
 // out[i, j] = GELU_erf(x[i, j] + bias[j]), computed in fp32.
@@ -61,6 +63,7 @@ struct EmbedArgs {
   int64_t out_total_rows = 0, out_rs = 0;
   const void* out_rows = nullptr;  // nullptr: row i goes to out[i]
   bool out_rows_64 = false;
+  int ln_variant = 0;  // kLayerNormAuto / kLayerNormWarp / kLayerNormHalf, as for add_layernorm
 };
 DM2S2_LAUNCHER_DECL cudaError_t embed_layernorm(const EmbedArgs& args, cudaStream_t stream);
 
@@ -76,11 +79,14 @@ struct AttnArgs {
   const int* cu_seqlens = nullptr;
   int64_t groups = 0, total = 0, heads = 0, head_dim = 0, max_seqlen = 0;
   float scale = 1.0f;
-  int tile = 0;  // tensor-core tile: 0 = pick from the mean group length, 64 or 32 to force
+  // Tensor-core kernel: 0 = pick from the group lengths, 64 or 32 = force that tiled kernel,
+  // kAttnTileGroup = force the whole-group kernel (head_dim 32/64; else the 64 tile).
+  int tile = 0;
 };
+constexpr int kAttnTileGroup = 1;
 DM2S2_LAUNCHER_DECL cudaError_t set_attention(const AttnArgs& args, cudaStream_t stream);
-// Which kernel set_attention would run: 64 / 32 = tensor-core tile, 0 = the SIMT kernel, -1 = none
-// (head_dim over 256).
+// Which kernel set_attention would run: 64 / 32 = tiled tensor-core kernel, kAttnTileGroup (1) =
+// whole-group tensor-core kernel, 0 = the SIMT kernel, -1 = none (head_dim over 256).
 DM2S2_LAUNCHER_DECL int set_attention_path(const AttnArgs& args);
 
 // ---------------------------------------------------------------- IntraMRA / InterMRA

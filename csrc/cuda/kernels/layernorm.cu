@@ -1,5 +1,8 @@
-// add_layernorm and embed_layernorm: one warp per row (16-byte accesses, the row kept in
-// registers, two-pass mean/variance in fp32), a block-per-row kernel for wide or unaligned rows.
+// add_layernorm and embed_layernorm: two rows per warp (a half-warp per row; d up to 96 16-byte
+// chunks) or one warp per row (d up to 256 chunks), 16-byte accesses, the row kept in registers,
+// two-pass mean/variance in fp32; a block-per-row kernel for wide or unaligned rows.
+// Variant (DM2S2_CUDA_LN=warp|half, for comparing on a GPU): kLayerNormAuto picks the half-warp
+// kernel whenever the row fits it.
 //
 // Floors, DESIGN §6 `ads`, B=256 (N ~ 29k packed elements, d = 384), bf16, against the measured
 // ~4.3 TB/s copy bandwidth of the H200 (bytes read + written):
@@ -161,6 +164,75 @@ __global__ void __launch_bounds__(kWarpRowsThreads) layernorm_warp_kernel(
   }
 }
 
+// Two rows per warp, one per half-warp (16 lanes): for d = 384 bf16 each lane owns exactly 3
+// 16-byte chunks (no idle lanes, unlike 32 lanes x 1.5 chunks) and a warp has twice the bytes in
+// flight. Reductions stay inside each half (xor 8, 4, 2, 1); both halves always run the shuffles.
+__device__ __forceinline__ float half_sum(float v) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T, int VEC, int MAXV, typename Src>
+__global__ void __launch_bounds__(kWarpRowsThreads, 2) layernorm_half_kernel(
+    Src src, const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ out, int64_t out_rs,
+    int64_t rows, int d, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int hl = lane & 15;
+  const int64_t half = lane >> 4;
+  const int64_t warp0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t pairs = (rows + 1) >> 1;
+  const float inv_d = 1.0f / static_cast<float>(d);
+  for (int64_t pr = warp0; pr < pairs; pr += nwarps) {  // warp-uniform
+    const int64_t r = 2 * pr + half;
+    // A half past the last row (odd row count) reads row rows-1's indices and writes nothing.
+    const typename Src::Row row = src.row(r < rows ? r : rows - 1);
+    const bool write = r < rows && row.out_row >= 0;
+    float vals[MAXV][VEC];
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      const int col = (i * 16 + hl) * VEC;
+      if (write && col < d) {
+        row.template load<VEC>(col, vals[i]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) sum += vals[i][j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) vals[i][j] = 0.0f;
+      }
+    }
+    const float mean = half_sum(sum) * inv_d;
+    float sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      const int col = (i * 16 + hl) * VEC;
+      if (col < d) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float t = vals[i][j] - mean;
+          sq += t * t;
+        }
+      }
+    }
+    const float rstd = rsqrtf(half_sum(sq) * inv_d + eps);
+    T* orow = out + (write ? row.out_row : 0) * out_rs;
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      const int col = (i * 16 + hl) * VEC;
+      if (write && col < d) {
+        float w[VEC], b[VEC], y[VEC];
+        load_vec<T, VEC>(weight + col, w);
+        load_vec<T, VEC>(bias + col, b);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) y[j] = row.valid ? (vals[i][j] - mean) * rstd * w[j] + b[j] : __int_as_float(0x7fc00000);
+        store_vec<T, VEC>(orow + col, y);
+      }
+    }
+  }
+}
+
 __device__ __forceinline__ float block_sum(float v, float* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   v = warp_sum(v);
@@ -209,13 +281,38 @@ __global__ void __launch_bounds__(kBlockRowThreads) layernorm_block_kernel(
 
 template <typename T, typename Src>
 cudaError_t launch_layernorm(const Src& src, bool vec_ok, const void* weight, const void* bias, void* out,
-                             int64_t out_rs, int64_t rows, int64_t d, float eps, cudaStream_t stream) {
+                             int64_t out_rs, int64_t rows, int64_t d, float eps, int variant,
+                             cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   if (d <= 0 || d > (int64_t(1) << 30)) return cudaErrorInvalidValue;
   const T* w = static_cast<const T*>(weight);
   const T* b = static_cast<const T*>(bias);
   T* o = static_cast<T*>(out);
   constexpr int VEC = 16 / sizeof(T);
+  const int64_t hchunks = (d + 16 * VEC - 1) / (16 * VEC);
+  if (vec_ok && variant != kLayerNormWarp && hchunks <= 6) {
+    const int64_t pairs = (rows + 1) / 2;
+    const int64_t want = (pairs + (kWarpRowsThreads / 32) - 1) / (kWarpRowsThreads / 32);
+    const unsigned grid = static_cast<unsigned>(want < (1 << 20) ? want : (1 << 20));
+    const int di = static_cast<int>(d);
+#define DM2S2_LN_HALF(MAXV)                                                                        \
+  layernorm_half_kernel<T, VEC, MAXV, Src><<<grid, kWarpRowsThreads, 0, stream>>>(src, w, b, o, out_rs, \
+                                                                                   rows, di, eps)
+    if (hchunks <= 1) {
+      DM2S2_LN_HALF(1);
+    } else if (hchunks <= 2) {
+      DM2S2_LN_HALF(2);
+    } else if (hchunks <= 3) {
+      DM2S2_LN_HALF(3);
+    } else if (hchunks <= 4) {
+      DM2S2_LN_HALF(4);
+    } else {
+      DM2S2_LN_HALF(6);
+    }
+#undef DM2S2_LN_HALF
+    DM2S2_CHECK_LAUNCH();
+    return cudaSuccess;
+  }
   const int64_t chunks = (d + 32 * VEC - 1) / (32 * VEC);
   if (vec_ok && chunks <= 8) {
     const int64_t want = (rows + (kWarpRowsThreads / 32) - 1) / (kWarpRowsThreads / 32);
@@ -248,7 +345,7 @@ cudaError_t launch_layernorm(const Src& src, bool vec_ok, const void* weight, co
 
 cudaError_t add_layernorm(DType dt, const void* x, int64_t x_rs, const void* residual, int64_t res_rs,
                           const void* weight, const void* bias, void* out, int64_t out_rs, int64_t rows,
-                          int64_t d, float eps, cudaStream_t stream) {
+                          int64_t d, float eps, cudaStream_t stream, int variant) {
   if (rows <= 0 || d <= 0) return cudaSuccess;
   DM2S2_DISPATCH_DTYPE(dt, T, {
     constexpr int VEC = 16 / sizeof(T);
@@ -256,7 +353,7 @@ cudaError_t add_layernorm(DType dt, const void* x, int64_t x_rs, const void* res
                         aligned_to(x, 16) && aligned_to(residual, 16) && aligned_to(weight, 16) &&
                         aligned_to(bias, 16) && aligned_to(out, 16);
     AddSource<T> src{static_cast<const T*>(x), x_rs, static_cast<const T*>(residual), res_rs};
-    return launch_layernorm<T>(src, vec_ok, weight, bias, out, out_rs, rows, d, eps, stream);
+    return launch_layernorm<T>(src, vec_ok, weight, bias, out, out_rs, rows, d, eps, variant, stream);
   });
   return cudaSuccess;
 }
@@ -298,7 +395,8 @@ cudaError_t embed_layernorm(const EmbedArgs& a, cudaStream_t stream) {
     src.dense = static_cast<const T*>(a.dense);
     src.dense_rs = a.dense_rs;
     src.out_total_rows = a.out_total_rows;
-    return launch_layernorm<T>(src, vec_ok, a.weight, a.bias, a.out, a.out_rs, a.n, a.d, a.eps, stream);
+    return launch_layernorm<T>(src, vec_ok, a.weight, a.bias, a.out, a.out_rs, a.n, a.d, a.eps, a.ln_variant,
+                                stream);
   });
   return cudaSuccess;
 }

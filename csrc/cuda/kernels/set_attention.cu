@@ -21,6 +21,11 @@
 // Grid: x = q-tiles * heads (q-tiles of one (group, head) adjacent, sharing K/V in L2),
 // y = groups (grid-stride past 65535); tiles past a group's end exit at once.
 //
+// Whole-group path (fp16/bf16, D in {32, 64}; the default when the mean group exceeds 48 rows and
+// the longest fits 48 KB of shared memory for Q, K and V - ads sets: 200 rows x 64 B x 3 = 39 KB):
+// one CTA per (head, group) stages the group once and loops its warps over 16-row query tiles, see
+// attn_group_kernel. DM2S2_CUDA_ATTN_TILE=32|64|group (ops_cuda.cu) forces a path, for tuning.
+//
 // SIMT path (fp32, other head dims up to 256, unaligned views): one warp per (row, head), keys in
 // chunks of 32 (one per lane), online softmax, exact fp32 arithmetic (the fp32 contract is 1e-5).
 #include "common.cuh"
@@ -277,6 +282,290 @@ __global__ void __launch_bounds__(32 * NW, attn_min_ctas<D, NW>()) attn_mma_kern
   }
 }
 
+// ------------------------------------------------------------------ whole-group kernel
+// One CTA per (head, group), NW warps. The group's Q, K and V rows (up to `cap` rows, cap >= 64,
+// a multiple of 16, sized from max_seqlen) are copied into shared memory once, in two cp.async
+// groups (rows [0, 64) first, so the first key block starts while the rest is in flight); then
+// each warp takes 16-row query tiles t = warp, warp + NW, ... and sweeps all keys in 64-key blocks
+// with an online softmax, reading K/V only from shared memory. Versus the tiled kernel: K/V are
+// read from L2 once per (group, head) instead of once per 64-row query tile, no CTA of the grid is
+// idle (the tiled grid is sized by max_seqlen), and a CTA syncs twice per group instead of twice
+// per key block. A group longer than cap (max_seqlen below the longest group: the raw op does not
+// sync to check it) takes a slow but correct path: 64-row query rounds x cap-row K/V chunks.
+constexpr int kGroupBN = 64;  // keys per online-softmax block
+
+// Copy rows [r0, r1) (group-relative) of a [*, D] operand into shared rows dst0 + (r - r0);
+// rows at or past L are zero-filled (V rows past the end meet P = 0: zeros, never NaN garbage).
+template <int CH, int NT, typename T>
+__device__ __forceinline__ void load_rows(T* s, const T* g, int64_t rs, int r0, int r1, int dst0, int L) {
+  const int n = (r1 - r0) * CH;
+  for (int c = threadIdx.x; c < n; c += NT) {
+    const int r = c / CH, ch = c - (c / CH) * CH;
+    const int gr = r0 + r;
+    const int sr = dst0 + r;
+    const bool ok = gr < L;
+    const T* src = ok ? g + static_cast<int64_t>(gr) * rs + ch * 8 : g;
+    cp_async16(s + sr * (CH * 8) + swz<CH>(sr, ch) * 8, src, ok);
+  }
+}
+
+// The warp's 16 query rows (A fragments) from shared rows row0 .. row0 + 15.
+template <typename T, int D>
+__device__ __forceinline__ void load_q_frag(uint32_t (&qf)[D / 16][4], const T* sQ, int row0, int lane) {
+  constexpr int CH = D / 8;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int row = row0 + (lane & 15);
+    const int chunk = kk * 2 + (lane >> 4);
+    ldmatrix_x4(qf[kk], sQ + row * D + swz<CH>(row, chunk) * 8);
+  }
+}
+
+// Online-softmax state of one warp's 16 query rows (rows g8 and g8 + 8 of this thread).
+template <int D>
+struct RowState {
+  float o[D / 8][4];
+  float m0, m1, l0, l1;
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    m0 = m1 = -INFINITY;
+    l0 = l1 = 0.0f;
+  }
+};
+
+// One 64-key block (shared rows krow0 .. krow0 + 63 of sK / sV, of which the first kvalid >= 1
+// are keys of the group): S = Q K^T, online softmax, O += P V. Same math as attn_mma_kernel.
+template <typename T, int D>
+__device__ __forceinline__ void attend_block(RowState<D>& st, const uint32_t (&qf)[D / 16][4], const T* sK,
+                                             const T* sV, int krow0, int kvalid, float scale_log2, int lane) {
+  constexpr int BN = kGroupBN;
+  constexpr int CH = D / 8, KD = D / 16, ND = D / 8, NS = BN / 8, KB = BN / 16;
+  const int tig = lane & 3;
+  const int nsub = (kvalid + 15) >> 4;
+  float s[NS][4];
+#pragma unroll
+  for (int i = 0; i < NS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+    for (int np = 0; np < NS / 2; ++np) {
+      if (np < nsub) {
+        uint32_t b[4];
+        const int row = krow0 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int chunk = kk * 2 + ((lane >> 3) & 1);
+        ldmatrix_x4(b, sK + row * D + swz<CH>(row, chunk) * 8);
+        mma16816<T>(s[2 * np], qf[kk], b[0], b[1]);
+        mma16816<T>(s[2 * np + 1], qf[kk], b[2], b[3]);
+      }
+    }
+  }
+  const bool need_mask = kvalid < BN;
+  float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < NS; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      s[nt][e] *= scale_log2;
+      s[nt][2 + e] *= scale_log2;
+      if (need_mask && nt * 8 + 2 * tig + e >= kvalid) s[nt][e] = s[nt][2 + e] = -INFINITY;
+      mx0 = fmaxf(mx0, s[nt][e]);
+      mx1 = fmaxf(mx1, s[nt][2 + e]);
+    }
+  }
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+  const float mn0 = fmaxf(st.m0, mx0), mn1 = fmaxf(st.m1, mx1);  // finite: key krow0 is valid
+  const float a0 = fast_exp2(st.m0 - mn0), a1 = fast_exp2(st.m1 - mn1);
+  st.m0 = mn0;
+  st.m1 = mn1;
+  float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+  for (int nt = 0; nt < NS; ++nt) {
+    if ((nt >> 1) < nsub) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[nt][e] = fast_exp2(s[nt][e] - mn0);
+        s[nt][2 + e] = fast_exp2(s[nt][2 + e] - mn1);
+        rs0 += s[nt][e];
+        rs1 += s[nt][2 + e];
+      }
+    }
+  }
+  st.l0 = st.l0 * a0 + rs0;
+  st.l1 = st.l1 * a1 + rs1;
+#pragma unroll
+  for (int i = 0; i < ND; ++i) {
+    st.o[i][0] *= a0;
+    st.o[i][1] *= a0;
+    st.o[i][2] *= a1;
+    st.o[i][3] *= a1;
+  }
+#pragma unroll
+  for (int kk = 0; kk < KB; ++kk) {
+    if (kk < nsub) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < ND / 2; ++dp) {
+        uint32_t b[4];
+        const int row = krow0 + kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        const int chunk = dp * 2 + (lane >> 4);
+        ldmatrix_x4_trans(b, sV + row * D + swz<CH>(row, chunk) * 8);
+        mma16816<T>(st.o[2 * dp], pa, b[0], b[1]);
+        mma16816<T>(st.o[2 * dp + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Normalise and write the warp's 16 rows: staged in shared rows srow0 .. srow0 + 15 (the warp's
+// own Q rows, already in registers), then 16-byte stores of the rows below L.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(RowState<D>& st, T* sQ, int srow0, T* ob, int64_t o_rs, int qrow0, int L,
+                                           int lane) {
+  constexpr int CH = D / 8, ND = D / 8;
+  const int g8 = lane >> 2, tig = lane & 3;
+  float l0 = st.l0, l1 = st.l1;
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float i0 = 1.0f / l0, i1 = 1.0f / l1;  // l >= 1
+  __syncwarp();  // every lane's ldmatrix of these Q rows is done before they are overwritten
+#pragma unroll
+  for (int i = 0; i < ND; ++i) {
+    const int r0 = srow0 + g8, r1 = srow0 + g8 + 8;
+    *reinterpret_cast<uint32_t*>(sQ + r0 * D + swz<CH>(r0, i) * 8 + 2 * tig) =
+        pack2<T>(st.o[i][0] * i0, st.o[i][1] * i0);
+    *reinterpret_cast<uint32_t*>(sQ + r1 * D + swz<CH>(r1, i) * 8 + 2 * tig) =
+        pack2<T>(st.o[i][2] * i1, st.o[i][3] * i1);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int it = 0; it < (16 * CH) / 32; ++it) {
+    const int c = lane + it * 32;
+    const int r = c / CH, ch = c % CH;
+    const int qrow = qrow0 + r;
+    const int sr = srow0 + r;
+    if (qrow < L) {
+      *reinterpret_cast<uint4*>(ob + static_cast<int64_t>(qrow) * o_rs + ch * 8) =
+          *reinterpret_cast<const uint4*>(sQ + sr * D + swz<CH>(sr, ch) * 8);
+    }
+  }
+  __syncwarp();
+}
+
+template <typename T, int D, int NW>
+__global__ void __launch_bounds__(32 * NW, (D == 32 ? 4 : 3)) attn_group_kernel(const AttnParams p, int cap) {
+  constexpr int NT = 32 * NW;
+  constexpr int CH = D / 8;
+  constexpr int KD = D / 16;
+  constexpr int BN = kGroupBN;
+  static_assert(NW * 16 <= BN, "the slow path stages NW*16 query rows in the first 64 shared rows");
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [cap][D]
+  T* sK = sQ + cap * D;                    // [cap][D]
+  T* sV = sK + cap * D;                    // [cap][D]
+
+  const T* __restrict__ q = static_cast<const T*>(p.q);
+  const T* __restrict__ k = static_cast<const T*>(p.k);
+  const T* __restrict__ v = static_cast<const T*>(p.v);
+  T* __restrict__ out = static_cast<T*>(p.out);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t head = blockIdx.x;
+
+  for (int64_t grp = blockIdx.y; grp < p.groups; grp += gridDim.y) {
+    int start, L;
+    group_bounds(p.cu, grp, p.total, start, L);
+    if (L == 0) continue;  // CTA-uniform; nothing of the shared memory was touched
+    const T* qb = q + static_cast<int64_t>(start) * p.q_rs + head * p.q_hs;
+    const T* kb = k + static_cast<int64_t>(start) * p.k_rs + head * p.k_hs;
+    const T* vb = v + static_cast<int64_t>(start) * p.v_rs + head * p.v_hs;
+    T* ob = out + static_cast<int64_t>(start) * p.o_rs + head * p.o_hs;
+    const int L16 = (L + 15) & ~15;
+    uint32_t qf[KD][4];
+    RowState<D> st;
+
+    if (L16 <= cap) {
+      // ---- fast path: the whole group in shared memory
+      const int nkb = (L + BN - 1) / BN;
+      const int first = L16 < BN ? L16 : BN;
+      load_rows<CH, NT>(sQ, qb, p.q_rs, 0, first, 0, L);
+      load_rows<CH, NT>(sK, kb, p.k_rs, 0, first, 0, L);
+      load_rows<CH, NT>(sV, vb, p.v_rs, 0, first, 0, L);
+      cp_async_commit();
+      load_rows<CH, NT>(sQ, qb, p.q_rs, first, L16, first, L);
+      load_rows<CH, NT>(sK, kb, p.k_rs, first, L16, first, L);
+      load_rows<CH, NT>(sV, vb, p.v_rs, first, L16, first, L);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+      // Round 0: tile `warp` (rows < 64) against key block 0 while the rest lands.
+      const bool active = warp * 16 < L;  // warp-uniform
+      if (active) {
+        load_q_frag<T, D>(qf, sQ, warp * 16, lane);
+        st.init();
+        attend_block<T, D>(st, qf, sK, sV, 0, L < BN ? L : BN, p.scale_log2, lane);
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      if (active) {
+        for (int j = 1; j < nkb; ++j) {
+          const int kv = L - j * BN;
+          attend_block<T, D>(st, qf, sK, sV, j * BN, kv < BN ? kv : BN, p.scale_log2, lane);
+        }
+        store_rows<T, D>(st, sQ, warp * 16, ob, p.o_rs, warp * 16, L, lane);
+      }
+      // Later rounds: no barrier, everything is in shared memory.
+      for (int t = warp + NW; t * 16 < L; t += NW) {
+        load_q_frag<T, D>(qf, sQ, t * 16, lane);
+        st.init();
+        for (int j = 0; j < nkb; ++j) {
+          const int kv = L - j * BN;
+          attend_block<T, D>(st, qf, sK, sV, j * BN, kv < BN ? kv : BN, p.scale_log2, lane);
+        }
+        store_rows<T, D>(st, sQ, t * 16, ob, p.o_rs, t * 16, L, lane);
+      }
+    } else {
+      // ---- slow path (group longer than cap): NW*16 query rows x cap-row K/V chunks
+      for (int q0 = 0; q0 < L; q0 += NW * 16) {  // CTA-uniform
+        const int qe = q0 + NW * 16 < L16 ? q0 + NW * 16 : L16;
+        load_rows<CH, NT>(sQ, qb, p.q_rs, q0, qe, 0, L);
+        cp_async_commit();
+        const bool active = q0 + warp * 16 < L;
+        if (active) st.init();
+        for (int kv0 = 0; kv0 < L; kv0 += cap) {
+          const int ke = kv0 + cap < L16 ? kv0 + cap : L16;
+          load_rows<CH, NT>(sK, kb, p.k_rs, kv0, ke, 0, L);
+          load_rows<CH, NT>(sV, vb, p.v_rs, kv0, ke, 0, L);
+          cp_async_commit();
+          cp_async_wait<0>();
+          __syncthreads();
+          if (active) {
+            if (kv0 == 0) load_q_frag<T, D>(qf, sQ, warp * 16, lane);
+            const int n = L - kv0 < cap ? L - kv0 : cap;  // valid keys in this chunk
+            for (int j = 0; j * BN < n; ++j) {
+              const int kv = n - j * BN;
+              attend_block<T, D>(st, qf, sK, sV, j * BN, kv < BN ? kv : BN, p.scale_log2, lane);
+            }
+          }
+          __syncthreads();  // the chunk is refilled next
+        }
+        if (active) store_rows<T, D>(st, sQ, warp * 16, ob, p.o_rs, q0 + warp * 16, L, lane);
+        __syncthreads();  // sQ is refilled by the next round
+      }
+    }
+    __syncthreads();  // shared memory is reused by this CTA's next group
+  }
+}
+
 // One warp per (row, head): exact fp32 softmax attention over the row's group.
 constexpr int kSimtWarps = 4;
 
@@ -404,6 +693,33 @@ cudaError_t launch_mma_tile(AttnParams p, int64_t max_seqlen, int tile, cudaStre
   return launch_mma<T, D, 4, (D == 128 ? 32 : 64)>(p, max_seqlen, stream);
 }
 
+// Shared rows of each operand the whole-group kernel may stage: auto mode keeps the three
+// operands within 48 KB (D = 32: 256 rows; several CTAs per SM), a forced "group" within 96 KB.
+constexpr int kGroupNW = 4;
+inline int64_t group_cap_limit(int64_t head_dim, bool forced) {
+  const int64_t budget = forced ? 96 * 1024 : 48 * 1024;
+  return (budget / (3 * head_dim * 2)) & ~int64_t(15);
+}
+inline int64_t group_cap(int64_t max_seqlen, int64_t head_dim, bool forced) {
+  int64_t cap = (max_seqlen + 15) & ~int64_t(15);
+  if (cap < kGroupBN) cap = kGroupBN;
+  const int64_t lim = group_cap_limit(head_dim, forced);
+  return cap < lim ? cap : lim;
+}
+
+template <typename T, int D>
+cudaError_t launch_group(AttnParams p, int64_t max_seqlen, bool forced, cudaStream_t stream) {
+  if (p.heads > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const int cap = static_cast<int>(group_cap(max_seqlen, D, forced));
+  const size_t smem = static_cast<size_t>(3) * cap * D * sizeof(T);
+  auto kernel = attn_group_kernel<T, D, kGroupNW>;
+  DM2S2_RETURN_IF_ERROR(allow_dynamic_smem(kernel, smem));
+  const dim3 grid(static_cast<unsigned>(p.heads), static_cast<unsigned>(p.groups < 65535 ? p.groups : 65535));
+  kernel<<<grid, 32 * kGroupNW, smem, stream>>>(p, cap);
+  DM2S2_CHECK_LAUNCH();
+  return cudaSuccess;
+}
+
 template <typename T, int DPL>
 cudaError_t launch_simt(const AttnParams& p, cudaStream_t stream) {
   const int64_t warps = p.total * p.heads;
@@ -429,10 +745,16 @@ int set_attention_path(const AttnArgs& a) {
   const bool half = a.dt == DType::kFloat16 || a.dt == DType::kBFloat16;
   const bool dim_ok = a.head_dim == 32 || a.head_dim == 64 || a.head_dim == 128;
   if (half && dim_ok && mma_aligned(a)) {
+    const bool group_ok = a.head_dim == 32 || a.head_dim == 64;
+    if (a.tile == kAttnTileGroup) return group_ok ? kAttnTileGroup : 64;
     if (a.tile == 32 || a.tile == 64) return a.tile;
     // Short groups (modality attention, ~30 elements) waste less with 32-row tiles.
     const int64_t mean = a.groups > 0 ? a.total / a.groups : 0;
-    return mean <= 48 ? 32 : 64;
+    if (mean <= 48) return 32;
+    // Whole groups in shared memory when the longest fits the auto budget (ads sets: 200 rows).
+    const int64_t ms = a.max_seqlen < a.total ? a.max_seqlen : a.total;
+    if (group_ok && ((ms + 15) & ~int64_t(15)) <= group_cap_limit(a.head_dim, false)) return kAttnTileGroup;
+    return 64;
   }
   return 0;
 }
@@ -446,6 +768,17 @@ cudaError_t set_attention(const AttnArgs& a, cudaStream_t stream) {
   if (path < 0) return cudaErrorInvalidValue;
   AttnParams p = make_params(a);
   const int64_t max_seqlen = a.max_seqlen < a.total ? a.max_seqlen : a.total;
+  if (path == kAttnTileGroup) {
+    const bool forced = a.tile == kAttnTileGroup;
+    if (a.dt == DType::kBFloat16) {
+      using T = __nv_bfloat16;
+      if (a.head_dim == 32) return launch_group<T, 32>(p, max_seqlen, forced, stream);
+      return launch_group<T, 64>(p, max_seqlen, forced, stream);
+    }
+    using T = __half;
+    if (a.head_dim == 32) return launch_group<T, 32>(p, max_seqlen, forced, stream);
+    return launch_group<T, 64>(p, max_seqlen, forced, stream);
+  }
   if (path > 0) {
     if (a.dt == DType::kBFloat16) {
       using T = __nv_bfloat16;
