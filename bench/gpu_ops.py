@@ -12,6 +12,8 @@ with the torch kernel's own error in that dtype beside it), then the median time
            '-' when the call cannot be captured, e.g. it syncs),
 with triton.testing.do_bench (L2 flushed before each run; CUDA events) or CUDA events when Triton
 is missing. `ratio` is graph time (eager where no graph) over the best backend's for that op.
+Selectable kernel variants (CUDA_VARIANTS, TRITON_VARIANTS: an environment variable set for that
+entry only) are checked and timed beside each backend's default, labelled backend[variant].
 `floor` = max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s bf16|fp16, 67 TFLOP/s fp32) - the measured
 copy bandwidth and bf16 matmul rate of this workplace's H200 (KINDS.md), each input read once,
 each output written once.
@@ -49,6 +51,15 @@ CUDA_VARIANTS = {
     "add_layernorm": [("DM2S2_CUDA_LN", "warp", "ln-warp"), ("DM2S2_CUDA_LN", "half", "ln-half")],
     "embed_layernorm": [("DM2S2_CUDA_LN", "warp", "ln-warp"), ("DM2S2_CUDA_LN", "half", "ln-half")],
 }
+# Selectable triton kernels, likewise ("triton" is the default: DM2S2_TRITON_MRA=tile).
+_MRA_ROWS = ("DM2S2_TRITON_MRA", "rows", "rows")                 # the first version: 1-D row blocks
+_MRA_TILE64 = ("DM2S2_TRITON_MRA", "tile:64,128,64,4,3", "tile64")  # 64-row score tiles everywhere
+TRITON_VARIANTS = {
+    "intra_mra": [_MRA_ROWS, _MRA_TILE64],
+    "inter_mra": [_MRA_ROWS],
+    "mra_pool": [_MRA_ROWS, ("DM2S2_TRITON_MRA", "tile-fused", "tile-fused"), _MRA_TILE64],
+}
+VARIANTS = {"cuda": CUDA_VARIANTS, "triton": TRITON_VARIANTS}
 D_MODEL, HEADS, FFN, VOCAB, MAX_POS, MRA_DIM = 384, 12, 1536, 30522, 512, 384
 
 T0 = time.time()
@@ -380,8 +391,9 @@ def main() -> int:
             entries = []
             names = [b for b in args.backends.split(",") if b]
             variants = [(b, None) for b in names]
-            if "cuda" in names:  # every selectable cuda kernel variant, for tuning (env var, value)
-                variants += [("cuda", v) for v in CUDA_VARIANTS.get(op, [])]
+            for bname in ("triton", "cuda"):  # every selectable kernel variant, for tuning (env var, value)
+                if bname in names:
+                    variants += [(bname, v) for v in VARIANTS[bname].get(op, [])]
             for bname, variant in variants:
                 label = bname if variant is None else f"{bname}[{variant[2]}]"
                 entry = dict(op=name, dtype=dname, backend=label, floor_us=floor_s * 1e6)
@@ -412,7 +424,7 @@ def main() -> int:
                     if variant is not None:
                         os.environ.pop(variant[0], None)
                 entries.append(entry)
-                log(f"{name:24s} {dname} {label:14s} " + (
+                log(f"{name:24s} {dname} {label:18s} " + (
                     f"eager {entry['eager_us']:9.1f} us  graph "
                     f"{'-' if entry.get('graph_us') is None else format(entry['graph_us'], '.1f')} us  "
                     f"err {entry['rel_err']:.2e}" if "eager_us" in entry else entry.get("error", "")))
@@ -445,18 +457,18 @@ def main() -> int:
     print()
     print(f"ads B={w.B} N={w.N} S={w.S} on {meta['device']}; time = graph replay (eager where '*'), "
           f"median; floor = max(bytes/4.3TB/s, flops/peak)")
-    hdr = f"{'op':24s} {'dtype':5s} {'backend':13s} {'time us':>9s} {'eager us':>9s} {'ratio':>6s} " \
+    hdr = f"{'op':24s} {'dtype':5s} {'backend':18s} {'time us':>9s} {'eager us':>9s} {'ratio':>6s} " \
           f"{'floor us':>8s} {'x floor':>7s} {'rel err':>8s} ok"
     print(hdr)
     print("-" * len(hdr))
     for e in results:
         if "time_us" in e:
             star = "" if e.get("graph_us") is not None else "*"
-            print(f"{e['op']:24s} {e['dtype']:5s} {e['backend']:13s} {e['time_us']:8.1f}{star:1s} "
+            print(f"{e['op']:24s} {e['dtype']:5s} {e['backend']:18s} {e['time_us']:8.1f}{star:1s} "
                   f"{e['eager_us']:9.1f} {e['ratio_to_best']:6.2f} {e['floor_us']:8.1f} "
                   f"{e['time_us'] / e['floor_us']:7.1f} {e['rel_err']:8.1e} {'ok' if e.get('ok') else 'BAD'}")
         else:
-            print(f"{e['op']:24s} {e['dtype']:5s} {e['backend']:13s} -- {e.get('error', '')[:90]}")
+            print(f"{e['op']:24s} {e['dtype']:5s} {e['backend']:18s} -- {e.get('error', '')[:90]}")
     print(f"wrote {args.out} in {meta['wall_s']:.0f} s")
     return 0
 

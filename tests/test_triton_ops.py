@@ -251,6 +251,61 @@ def test_intra_inter_mra(device, dtype, case):
     assert alpha.dtype == beta.dtype == torch.float32 and z.dtype == r.dtype == dtype
 
 
+MRA_MODES = [  # (DM2S2_TRITON_MRA, dtype)
+    ("tile", torch.float32), ("tile", torch.bfloat16), ("tile-fused", torch.bfloat16),
+    ("rows", torch.float32), ("rows", torch.bfloat16),
+    ("tile:16,32,32,4,2", torch.float32), ("tile:32,16,64,4,3", torch.bfloat16)]
+
+
+@device_param
+@pytest.mark.parametrize("mode,dtype", MRA_MODES, ids=lambda x: x if isinstance(x, str) else str(x)[6:])
+@pytest.mark.parametrize("case", ["many-segments", "wide"])
+def test_mra_modes(device, dtype, mode, case, monkeypatch):
+    """Every DM2S2_TRITON_MRA variant (and tile shapes giving several partial-score blocks, ragged
+    last a/k blocks) gives the same answer, for mra_pool and for intra_mra / inter_mra."""
+    monkeypatch.setenv("DM2S2_TRITON_MRA", mode)
+    args = _mra_inputs(case, device, dtype, seed=5)
+    out = ops.mra_pool(*args, backend="triton")
+    ref64 = ops.mra_pool(*map(to64, args), backend="torch")
+    own = ops.mra_pool(*(t.cpu() for t in args), backend="torch") if dtype != torch.float32 else ref64
+    for name, o, r, w in zip(MRA_FIELDS, out, ref64, own):
+        check(f"mra_pool.{name}/{case}/{mode}", o, r, w, dtype)
+    h, cu_seg, cu_smp, W, c, v = args[:6]
+    z, alpha = ops.intra_mra(h, cu_seg, W, c, v, backend="triton")
+    r, beta = ops.inter_mra(z, cu_smp, *args[6:], backend="triton")
+    if mode == "tile" or mode.startswith("tile:"):
+        # mra_pool is intra_mra then inter_mra here: the same launches, bitwise the same answer
+        for name, a, b in zip(MRA_FIELDS, (z, r, alpha, beta), out):
+            assert torch.equal(a, b), f"{name}/{case}/{mode}: intra+inter differs from mra_pool"
+    else:
+        z64, a64 = ops.intra_mra(*map(to64, (h, cu_seg, W, c, v)), backend="torch")
+        check(f"intra_mra.z/{case}/{mode}", z, z64, own[0], dtype)
+        check(f"intra_mra.alpha/{case}/{mode}", alpha, a64, own[2], dtype)
+
+
+def test_mra_tile_config():
+    from dm2s2_fast.triton.mra_pool import tile_config
+
+    # ads IntraMRA (26k rows): 128x128x64 bf16 tiles, 8 warps, 3 stages (621 programs)
+    assert tile_config(torch.bfloat16, 26417, 384, 384) == (128, 128, 64, 8, 3)
+    # ads InterMRA (~1k segments): 128-row tiles would make 24 programs for 132 SMs -> 64 rows
+    assert tile_config(torch.bfloat16, 974, 384, 384) == (64, 128, 64, 4, 3)
+    assert tile_config(torch.float32, 26417, 384, 384) == (64, 64, 32, 4, 2)
+    # tiny problems: tiles follow n down to 16
+    assert tile_config(torch.float16, 5, 32, 24)[:3] == (16, 32, 32)
+
+
+def test_mra_mode_parse(monkeypatch):
+    from dm2s2_fast.triton import mra_pool as MP
+
+    monkeypatch.setenv("DM2S2_TRITON_MRA", "tile:64,64,32,4,2")
+    assert MP._mode() == ("tile", (64, 64, 32, 4, 2))
+    assert MP.tile_config(torch.bfloat16, 26417, 384, 384) == (64, 64, 32, 4, 2)
+    monkeypatch.setenv("DM2S2_TRITON_MRA", "bogus")
+    with pytest.raises(ValueError, match="DM2S2_TRITON_MRA"):
+        MP._mode()
+
+
 @device_param
 def test_mra_pool_weights_sum_to_one(device):
     h, cu_seg, cu_smp, W, c, v, U, gg, u = _mra_inputs("ragged", device, torch.float32, seed=4)
@@ -509,6 +564,11 @@ for dt in (torch.bfloat16, torch.float32):
               stride_kn=1, stride_kh=1, stride_vn=1, stride_vh=1, stride_on=1, stride_oh=1, n_rows=n,
               n_groups=G, n_mblocks=4, search_iters=9, qk_scale=0.25),
               dict(HEAD_DIM=32, BLOCK_D=32, BLOCK_M=bm, BLOCK_N=bn, PACKED=packed, INTERP=False), w, st)
+    for n in (26417, 974):
+        bn, ba, bk, w, st = MP.tile_config(dt, n, d, d)
+        build(MP._score_tile_kernel, dict(X=dt, W=dt, C=dt, V=dt, P=torch.float32, n_rows=n, dim=d, width=d,
+              stride_xn=d, stride_wa=d),
+              dict(BLOCK_N=bn, BLOCK_A=ba, BLOCK_K=bk, EVEN_K=True, EVEN_A=True, INTERP=False), w, st)
     bn, ba, bk, w, st = MP._score_config(dt, d, d)
     build(MP._score_kernel, dict(X=dt, W=dt, C=dt, V=dt, S=torch.float32, n_rows=1, dim=d, width=d,
           stride_xn=d, stride_wa=d), dict(BLOCK_N=bn, BLOCK_A=ba, BLOCK_K=bk, INTERP=False), w, st)
@@ -516,10 +576,11 @@ for dt in (torch.bfloat16, torch.float32):
     f32 = torch.float32
     build(MP._mra_fused_kernel, dict(H=dt, SC=f32, CU_SEG=torch.int32, CU_SMP=torch.int32, U=dt, G=dt, UV=dt,
           Z=dt, R=dt, ALPHA=f32, BETA=f32, TSCR=f32, dim=d, width=d, stride_hn=d, stride_ua=d, stride_zn=d,
-          stride_rn=d), dict(BLOCK_N=bn, BLOCK_D=bd, BLOCK_A=ba, BLOCK_K=bk, BLOCK_S=16, INTERP=False), w, 1)
+          stride_rn=d, part_stride=d), dict(BLOCK_N=bn, BLOCK_D=bd, BLOCK_A=ba, BLOCK_K=bk, BLOCK_S=16, N_PART=3,
+          INTERP=False), w, 1)
     bd, bn, w = MP._pool_config(d)
     build(MP._group_pool_kernel, dict(X=dt, SC=f32, CU=torch.int32, OUT=dt, WT=f32, dim=d, stride_xn=d,
-          stride_on=d), dict(BLOCK_N=bn, BLOCK_D=bd, INTERP=False), w, 1)
+          stride_on=d, part_stride=d), dict(BLOCK_N=bn, BLOCK_D=bd, N_PART=3, INTERP=False), w, 1)
     bd, br, w = AL.row_config(d)
     build(AL._add_layernorm_kernel, dict(X=dt, RES=dt, Wt=dt, Bs=dt, OUT=dt, n_rows=1, dim=d, eps=1e-12,
           stride_x=d, stride_r=d, stride_o=d), dict(BLOCK_R=br, BLOCK_D=bd, INTERP=False), w, 2)

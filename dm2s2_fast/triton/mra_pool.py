@@ -6,25 +6,42 @@ pooling accumulators and the weights are fp32; z and r are stored in h's dtype.
 
 Where the scores are computed
 -----------------------------
-*Element scores* ``s_i = vᵀ tanh(W h_i + c)`` are one preceding GEMM kernel (``_score_kernel``:
-row-blocked ``tl.dot`` over ``h @ Wᵀ`` with the ``tanh``, ``·v`` and row-sum fused into the epilogue,
-so the [N, a] activations never reach memory; it writes 4 bytes per element). They are not computed
-inside the per-sample kernel because they are ~all of the FLOPs (N·a·d): a one-program-per-sample
-kernel would run that GEMM on only B programs (256 for the ads batch, < 2 waves of 132 SMs and
-imbalanced by sample length) and re-read W [a, d] once per sample, while the row-blocked kernel runs
-N/64 programs on the tensor cores at full occupancy.
+*Element scores* ``s_i = vᵀ tanh(W h_i + c)`` are one preceding GEMM kernel with the ``tanh``, ``·v``
+and row-sum fused into its epilogue, so the [N, a] activations never reach memory. They are not
+computed inside a per-group kernel because they are ~all of the FLOPs (N·a·d): one program per sample
+would run that GEMM on only B programs (256 for the ads batch, < 2 waves of 132 SMs, imbalanced by
+sample length) and re-read W [a, d] once per sample.
 
-*Segment scores* ``t_m = uᵀ tanh(U z_m + g)`` are computed inside the fused per-sample kernel, since
-z_m is made there: after pooling up to 16 of its segments the kernel reads their z back as one
-[16, d] tile and scores them with ``tl.dot`` against ``Uᵀ`` (U is read once per sample, not once per
-segment as a mat-vec would).
+* ``tile`` score kernel (``_score_tile_kernel``, the default): a 2-D grid of [BLOCK_N rows] x
+  [BLOCK_A columns of a] tiles, each running the whole d-loop on the tensor cores (bf16/fp16:
+  128x128x64, 8 warps, 3 stages, wgmma on sm_90) and writing the partial score
+  Σ_{a in its block} v_a tanh(...) to ``P[a_block, i]``; the pooling kernels add the
+  cdiv(a, BLOCK_A) partials of a row in a fixed order (deterministic, no atomics). On the ads batch
+  that is 207 x 3 = 621 programs of 12.6 MFLOP instead of 413 programs each looping over 6 a-chunks
+  of 64x64x32 steps (whose pipeline drains at every a-chunk).
+* ``rows`` score kernel (``_score_kernel``, the first version): 1-D grid of BLOCK_N-row blocks, each
+  looping over all of a in BLOCK_A chunks; one fp32 score per row.
 
-Kernels
+Pooling
 -------
-* ``mra_pool``: ``_score_kernel`` then ``_mra_fused_kernel`` (one program per sample: online softmax
-  over each segment's elements, then over the sample's segments; writes z, r, α, β in one pass over h).
-* ``intra_mra`` / ``inter_mra``: ``_score_kernel`` then ``_group_pool_kernel`` (one program per group).
+* ``_group_pool_kernel``: one program per group (segment for IntraMRA, sample for InterMRA): online
+  softmax over its rows' scores and residual pooling, then the weights. ``intra_mra`` and
+  ``inter_mra`` are a score kernel plus this.
+* ``_mra_fused_kernel`` (one program per sample): IntraMRA pooling of its segments, then scores of its
+  z with ``tl.dot`` against ``Uᵀ`` in [16, d] tiles and InterMRA pooling, in one pass over h. Its
+  in-kernel U GEMM runs on B programs with unpipelined loads from L2, which made it the slow part of
+  ``mra_pool`` on the H200 (2026-11-30: mra_pool 242 µs vs intra 183 + inter 51).
+
+Modes: ``DM2S2_TRITON_MRA`` (read at every call; for tuning and the benchmark's variants)
+* ``tile`` (default): tile scores; ``mra_pool`` = ``intra_mra`` then ``inter_mra`` (4 launches: tile
+  scores of h, per-segment pooling, tile scores of z, per-sample pooling), each parallel over its
+  own items.
+* ``tile-fused``: tile scores of h, then the fused per-sample kernel for ``mra_pool``.
+* ``rows``: the first version throughout (row scores; fused per-sample ``mra_pool``).
+* ``tile:BLOCK_N,BLOCK_A,BLOCK_K,num_warps,num_stages`` (also ``tile-fused:...``): forces the tile
+  kernel's shape.
 """
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -70,12 +87,65 @@ def _score_kernel(X, W, C, V, S, n_rows, dim, width, stride_xn, stride_wa,
 
 
 @triton.jit
-def _pool_group(X, SC, WT, start, end, stride_xn, offs_d, d_ok, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+def _score_tile_kernel(X, W, C, V, P, n_rows, dim, width, stride_xn, stride_wa,
+                       BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+                       EVEN_K: tl.constexpr, EVEN_A: tl.constexpr, INTERP: tl.constexpr):
+    """P[j, i] = Σ_{a in column block j} V[a] tanh((X[i] @ W[a]) + C[a]), fp32, for one
+    [BLOCK_N rows] x [BLOCK_A columns] tile; the consumer sums P over j in a fixed order.
+
+    Program ids run column-block fastest, so the cdiv(width, BLOCK_A) programs of one row block
+    are adjacent and read their X tile from L2 after the first; W (a x d) stays L2-resident.
+    """
+    pid = tl.program_id(0)
+    n_ab = tl.cdiv(width, BLOCK_A)
+    pid_n = pid // n_ab
+    pid_a = pid % n_ab
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    acols = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_ok = acols < width
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xn + offs_k[None, :]
+    # W chunk loaded transposed: [BLOCK_K, BLOCK_A] (column-major B operand of the dot)
+    w_ptrs = W + acols.to(tl.int64)[None, :] * stride_wa + offs_k[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_A], dtype=tl.float32)
+    for k0 in range(0, dim, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            if EVEN_A:
+                wt = tl.load(w_ptrs)
+            else:
+                wt = tl.load(w_ptrs, mask=a_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + offs_k) < dim
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_ok[:, None] & a_ok[None, :], other=0.0)
+        acc = mma(x, wt, acc, INTERP)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    c = tl.load(C + acols, mask=a_ok, other=0.0).to(tl.float32)
+    v = tl.load(V + acols, mask=a_ok, other=0.0).to(tl.float32)  # v = 0 on padding columns
+    part = tl.sum(tanh_f32(acc + c[None, :]) * v[None, :], axis=1)
+    tl.store(P + pid_a.to(tl.int64) * n_rows + rows, part, mask=row_ok)
+
+
+@triton.jit
+def _load_scores(SC, rows, ok, part_stride, N_PART: tl.constexpr):
+    """Σ_j SC[j * part_stride + rows] (fixed order: deterministic); -inf where not ``ok``."""
+    s = tl.load(SC + rows, mask=ok, other=0.0)
+    for j in tl.static_range(1, N_PART):
+        s += tl.load(SC + j * part_stride + rows, mask=ok, other=0.0)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def _pool_group(X, SC, WT, start, end, stride_xn, offs_d, d_ok, part_stride, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, N_PART: tl.constexpr):
     """Online-softmax residual pooling of rows [start, end) of X by their scores SC.
 
     Returns the fp32 pooled row Σ (1 + w_i) x_i / (L + 1) (zeros when L = 0) and writes the softmax
-    weights w_i to WT[start:end] (a second, cheap pass over the 4-byte scores).
+    weights w_i to WT[start:end] (a second, cheap pass over the 4-byte scores). The score of row i
+    is Σ_j SC[j * part_stride + i] over the N_PART partial sums of the score kernel.
     """
     offs_n = tl.arange(0, BLOCK_N)
     m = tl.full((), float("-inf"), tl.float32)
@@ -85,7 +155,7 @@ def _pool_group(X, SC, WT, start, end, stride_xn, offs_d, d_ok, BLOCK_N: tl.cons
     for i0 in range(start, end, BLOCK_N):
         rows = i0 + offs_n
         ok = rows < end
-        s = tl.load(SC + rows, mask=ok, other=float("-inf"))
+        s = _load_scores(SC, rows, ok, part_stride, N_PART)
         x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + offs_d[None, :],
                     mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         m_new = tl.maximum(m, tl.max(s, axis=0))  # finite: the block has >= 1 row
@@ -100,28 +170,31 @@ def _pool_group(X, SC, WT, start, end, stride_xn, offs_d, d_ok, BLOCK_N: tl.cons
     for i0 in range(start, end, BLOCK_N):
         rows = i0 + offs_n
         ok = rows < end
-        s = tl.load(SC + rows, mask=ok, other=float("-inf"))
+        s = _load_scores(SC, rows, ok, part_stride, N_PART)
         tl.store(WT + rows, tl.exp(s - m) / l_safe, mask=ok)
     return pooled
 
 
 @triton.jit
-def _group_pool_kernel(X, SC, CU, OUT, WT, dim, stride_xn, stride_on,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+def _group_pool_kernel(X, SC, CU, OUT, WT, dim, stride_xn, stride_on, part_stride,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_PART: tl.constexpr,
+                       INTERP: tl.constexpr):
     g = tl.program_id(0)
     start = tl.load(CU + g)
     end = tl.load(CU + g + 1)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < dim
-    pooled = _pool_group(X, SC, WT, start, end, stride_xn, offs_d, d_ok, BLOCK_N, BLOCK_D)
+    pooled = _pool_group(X, SC, WT, start, end, stride_xn, offs_d, d_ok, part_stride, BLOCK_N, BLOCK_D,
+                         N_PART)
     tl.store(OUT + g.to(tl.int64) * stride_on + offs_d, cast_out(pooled, OUT.dtype.element_ty, INTERP), mask=d_ok)
 
 
 @triton.jit
 def _mra_fused_kernel(H, SC, CU_SEG, CU_SMP, U, G, UV, Z, R, ALPHA, BETA, TSCR,
-                      dim, width, stride_hn, stride_ua, stride_zn, stride_rn,
+                      dim, width, stride_hn, stride_ua, stride_zn, stride_rn, part_stride,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, INTERP: tl.constexpr):
+                      BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, N_PART: tl.constexpr,
+                      INTERP: tl.constexpr):
     """One program per sample b: z and α for each of its segments, then r and β."""
     b = tl.program_id(0)
     seg_lo = tl.load(CU_SMP + b)
@@ -142,7 +215,8 @@ def _mra_fused_kernel(H, SC, CU_SEG, CU_SMP, U, G, UV, Z, R, ALPHA, BETA, TSCR,
         for seg in range(c0, c1):
             start = tl.load(CU_SEG + seg)
             end = tl.load(CU_SEG + seg + 1)
-            z = _pool_group(H, SC, ALPHA, start, end, stride_hn, offs_d, d_ok, BLOCK_N, BLOCK_D)
+            z = _pool_group(H, SC, ALPHA, start, end, stride_hn, offs_d, d_ok, part_stride, BLOCK_N,
+                            BLOCK_D, N_PART)
             tl.store(Z + tl.cast(seg, tl.int64) * stride_zn + offs_d, cast_out(z, Z.dtype.element_ty, INTERP),
                      mask=d_ok)
         # Read those z back (L1/L2-hot; the barrier makes every thread's stores visible to all):
@@ -199,7 +273,7 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _score_config(dtype: torch.dtype, dim: int, width: int):
-    """(BLOCK_N, BLOCK_A, BLOCK_K, num_warps, num_stages); spill-free on sm_90 (bf16 168 regs)."""
+    """``rows`` mode: (BLOCK_N, BLOCK_A, BLOCK_K, num_warps, num_stages); spill-free on sm_90."""
     half = dtype != torch.float32
     bn = 64 if half else 32
     ba = min(64 if half else 32, max(16, triton.next_power_of_2(width)))
@@ -207,21 +281,90 @@ def _score_config(dtype: torch.dtype, dim: int, width: int):
     return bn, ba, bk, 4, 3 if half else 2
 
 
-def _scores(x: torch.Tensor, W: torch.Tensor, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """fp32 [n] scores vᵀ tanh(W x_i + c) (launches nothing for n = 0)."""
+# ---------------------------------------------------------------------------------- mode selection
+MODES = ("tile", "tile-fused", "rows")
+_SM_COUNT: dict = {}
+_MODE_CACHE: dict = {}
+
+
+def _mode():
+    """(mode, forced tile config or None) from ``DM2S2_TRITON_MRA`` (see the module docstring)."""
+    spec = os.environ.get("DM2S2_TRITON_MRA", "").strip()
+    if spec not in _MODE_CACHE:
+        mode, _, cfg = spec.partition(":")
+        mode = mode.strip() or "tile"
+        if mode not in MODES:
+            raise ValueError(f"DM2S2_TRITON_MRA mode must be one of {MODES}, got {mode!r}")
+        forced = None
+        if cfg:
+            forced = tuple(int(t) for t in cfg.split(","))
+            if len(forced) != 5 or mode == "rows":
+                raise ValueError("DM2S2_TRITON_MRA tile config is 'tile:BLOCK_N,BLOCK_A,BLOCK_K,"
+                                 f"num_warps,num_stages', got {spec!r}")
+        _MODE_CACHE[spec] = (mode, forced)
+    return _MODE_CACHE[spec]
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # interpreter: an H200's count, so the tests take the GPU's choices
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def tile_config(dtype: torch.dtype, n: int, dim: int, width: int, sms: int = 132):
+    """``tile`` mode: (BLOCK_N, BLOCK_A, BLOCK_K, num_warps, num_stages) of ``_score_tile_kernel``.
+
+    bf16/fp16: 128x128 tiles (8 warps = two wgmma warpgroups of 64 rows, 64 fp32 accumulators a
+    thread) with BLOCK_K 64 and 3 cp.async stages (96 KB smem: 2 programs per SM); when that gives
+    fewer programs than SMs (InterMRA's ~1k rows) 64-row tiles at 4 warps instead. fp32 (IEEE dots
+    on the FMA units) keeps 64x64x32 tiles. Tiles never exceed the problem (interpreter speed).
+    """
+    forced = _mode()[1]
+    if forced is not None:
+        return forced
+    half = dtype != torch.float32
+    ba = min(128 if half else 64, max(16, triton.next_power_of_2(width)))
+    bk = min(64 if half else 32, max(16, triton.next_power_of_2(dim)))
+    cap = max(16, triton.next_power_of_2(max(n, 1)))
+    if half:
+        bn = 128 if triton.cdiv(n, 128) * triton.cdiv(width, ba) >= sms else 64
+        bn = min(bn, cap)
+        warps = 8 if bn * ba >= 128 * 128 else 4
+        return bn, ba, bk, warps, 3
+    return min(64, cap), ba, bk, 4, 2
+
+
+def _scores(x: torch.Tensor, W: torch.Tensor, c: torch.Tensor, v: torch.Tensor, mode: str = "tile"):
+    """fp32 scores vᵀ tanh(W x_i + c) as ``(partials [P, n], P)``: the score of row i is
+    Σ_j partials[j, i] (P = 1 in ``rows`` mode or for degenerate shapes). Launches nothing for n = 0.
+    """
     n, dim = x.shape
-    out = torch.empty(n, dtype=torch.float32, device=x.device)
-    if n == 0:
-        return out
     width = W.shape[0]
-    if width == 0 or dim == 0:
-        # degenerate shapes: no score columns (s = 0), or no features (s = vᵀ tanh(c))
-        return out.zero_() if width == 0 else out.copy_((torch.tanh(c.float()) @ v.float()).expand(n))
-    bn, ba, bk, warps, stages = _score_config(x.dtype, dim, width)
-    wrap(_score_kernel)[(triton.cdiv(n, bn),)](
+    if n == 0 or width == 0 or dim == 0:
+        out = torch.empty((1, n), dtype=torch.float32, device=x.device)
+        if n and width == 0:  # no score columns: s = 0
+            out.zero_()
+        elif n:  # no features: s = vᵀ tanh(c)
+            out.copy_((torch.tanh(c.float()) @ v.float()).expand(1, n))
+        return out, 1
+    if mode == "rows":
+        out = torch.empty((1, n), dtype=torch.float32, device=x.device)
+        bn, ba, bk, warps, stages = _score_config(x.dtype, dim, width)
+        wrap(_score_kernel)[(triton.cdiv(n, bn),)](
+            x, W, c, v, out, n, dim, width, x.stride(0), W.stride(0),
+            BLOCK_N=bn, BLOCK_A=ba, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages)
+        return out, 1
+    bn, ba, bk, warps, stages = tile_config(x.dtype, n, dim, width, _sm_count(x.device))
+    n_ab = triton.cdiv(width, ba)
+    out = torch.empty((n_ab, n), dtype=torch.float32, device=x.device)
+    wrap(_score_tile_kernel)[(triton.cdiv(n, bn) * n_ab,)](
         x, W, c, v, out, n, dim, width, x.stride(0), W.stride(0),
-        BLOCK_N=bn, BLOCK_A=ba, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages)
-    return out
+        BLOCK_N=bn, BLOCK_A=ba, BLOCK_K=bk, EVEN_K=dim % bk == 0, EVEN_A=width % ba == 0,
+        INTERP=INTERPRET, num_warps=warps, num_stages=stages)
+    return out, n_ab
 
 
 def _pool_config(dim: int):
@@ -240,7 +383,7 @@ def _fused_config(dtype: torch.dtype, dim: int, width: int):
     return block_d, block_n, block_a, block_k, 8 if block_d >= 256 else 4
 
 
-def _group_pool(x: torch.Tensor, cu: torch.Tensor, scores: torch.Tensor):
+def _group_pool(x: torch.Tensor, cu: torch.Tensor, scores: torch.Tensor, n_part: int):
     groups = cu.numel() - 1
     dim = x.shape[1]
     pooled = torch.empty((groups, dim), dtype=x.dtype, device=x.device)
@@ -248,26 +391,36 @@ def _group_pool(x: torch.Tensor, cu: torch.Tensor, scores: torch.Tensor):
     if groups > 0:
         block_d, block_n, warps = _pool_config(dim)
         wrap(_group_pool_kernel)[(groups,)](
-            x, scores, cu, pooled, weights, dim, x.stride(0), pooled.stride(0),
-            BLOCK_N=block_n, BLOCK_D=block_d, INTERP=INTERPRET, num_warps=warps, num_stages=1)
+            x, scores, cu, pooled, weights, dim, x.stride(0), pooled.stride(0), x.shape[0],
+            BLOCK_N=block_n, BLOCK_D=block_d, N_PART=n_part, INTERP=INTERPRET, num_warps=warps,
+            num_stages=1)
     return pooled, weights
+
+
+def _score_mode() -> str:
+    return "rows" if _mode()[0] == "rows" else "tile"
 
 
 def _intra_launch(h: torch.Tensor, cu_seqlens_segment: torch.Tensor, W: torch.Tensor, c: torch.Tensor,
                   v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     h, W = _last_contiguous(h), _last_contiguous(W)
-    return _group_pool(h, cu_seqlens_segment, _scores(h, W, c, v))
+    return _group_pool(h, cu_seqlens_segment, *_scores(h, W, c, v, _score_mode()))
 
 
 def _inter_launch(z: torch.Tensor, cu_segments: torch.Tensor, U: torch.Tensor, g: torch.Tensor,
                   u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     z, U = _last_contiguous(z), _last_contiguous(U)
-    return _group_pool(z, cu_segments, _scores(z, U, g, u))
+    return _group_pool(z, cu_segments, *_scores(z, U, g, u, _score_mode()))
 
 
 def _fused_launch(h: torch.Tensor, cu_seqlens_segment: torch.Tensor, cu_segments: torch.Tensor,
                   W: torch.Tensor, c: torch.Tensor, v: torch.Tensor, U: torch.Tensor, g: torch.Tensor,
                   u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    mode = _mode()[0]
+    if mode == "tile":  # IntraMRA then InterMRA: four launches, each parallel over its own items
+        z, alpha = _intra_launch(h, cu_seqlens_segment, W, c, v)
+        r, beta = _inter_launch(z, cu_segments, U, g, u)
+        return z, r, alpha, beta
     h, W, U = _last_contiguous(h), _last_contiguous(W), _last_contiguous(U)
     n, dim = h.shape
     segments = cu_seqlens_segment.numel() - 1
@@ -280,13 +433,13 @@ def _fused_launch(h: torch.Tensor, cu_seqlens_segment: torch.Tensor, cu_segments
     t_scratch = torch.empty(segments, dtype=torch.float32, device=dev)
     if samples == 0:
         return z, r, alpha, beta
-    scores = _scores(h, W, c, v)
+    scores, n_part = _scores(h, W, c, v, _score_mode())
     block_d, block_n, block_a, block_k, warps = _fused_config(h.dtype, dim, U.shape[0])
     wrap(_mra_fused_kernel)[(samples,)](
         h, scores, cu_seqlens_segment, cu_segments, U, g, u, z, r, alpha, beta, t_scratch,
-        dim, U.shape[0], h.stride(0), U.stride(0), z.stride(0), r.stride(0),
+        dim, U.shape[0], h.stride(0), U.stride(0), z.stride(0), r.stride(0), n,
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_S=SEG_TILE,
-        INTERP=INTERPRET, num_warps=warps, num_stages=1)
+        N_PART=n_part, INTERP=INTERPRET, num_warps=warps, num_stages=1)
     return z, r, alpha, beta
 
 
