@@ -43,7 +43,7 @@ if wanted gpu_ops; then
   tail -40 "$OUT/gpu_ops.log" >> "$SUMMARY"
 fi
 if wanted bench; then
-  stage bench 240 "$OUT/bench.log" "$PY" bench/report.py --device cuda --out-dir "$OUT/bench"
+  stage bench 200 "$OUT/bench.log" "$PY" bench/report.py --device cuda --sizes 256,64,16,1 --deadline 140 --out-dir "$OUT/bench"
   tail -30 "$OUT/bench.log" >> "$SUMMARY"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls -d junit.xml bench 2>/dev/null) 2>/dev/null

@@ -113,7 +113,9 @@ def why_not(name: str, op: str, device: torch.device | str, args: tuple = (), kw
         return backend.unavailable_reason
     dev = _device_type(device)
     if dev not in backend.devices:
-        return f"{name} runs on {'/'.join(backend.devices)}, not {dev}"
+        hint = " (on CPU only in Triton's interpreter: set TRITON_INTERPRET=1 before importing triton)" \
+            if name == "triton" and dev == "cpu" else ""
+        return f"{name} runs on {'/'.join(backend.devices)}, not {dev}{hint}"
     if op not in backend.kernels:
         return f"{name} has no {op} kernel"
     check = backend.supports.get(op)
