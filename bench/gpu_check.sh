@@ -4,7 +4,8 @@
 # Everything lands under $OUT (at most 8 files come back): summary.txt, env.txt, build.log,
 # tests.log, gpu_ops.json, gpu_ops.log, bench.log, results.tgz.
 # Usage there: bash bench/gpu_check.sh; STAGES="build tests" picks stages; each stage has its own
-# time limit (LIMIT_<stage> overrides) and a failure does not stop the rest.
+# time limit (LIMIT_<stage> overrides) and a failure does not stop the rest; BENCH_ARGS replaces the
+# model benchmark's size/provider arguments.
 set -uo pipefail
 OUT=${OUT:-/tmp/dm2s2_gpu_out}
 mkdir -p "$OUT"
@@ -43,7 +44,8 @@ if wanted gpu_ops; then
   tail -40 "$OUT/gpu_ops.log" >> "$SUMMARY"
 fi
 if wanted bench; then
-  stage bench 200 "$OUT/bench.log" "$PY" bench/report.py --device cuda --sizes 256,64,16,1 --deadline 140 --out-dir "$OUT/bench"
+  # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
+  stage bench 200 "$OUT/bench.log" "$PY" bench/report.py --device cuda ${BENCH_ARGS:---sizes 256,64,16,1 --deadline 140} --out-dir "$OUT/bench"
   tail -30 "$OUT/bench.log" >> "$SUMMARY"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls -d junit.xml bench 2>/dev/null) 2>/dev/null

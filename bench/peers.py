@@ -38,7 +38,7 @@ from dm2s2_fast.reference import DM2S2
 from dm2s2_fast.sequence_set import SequenceSet
 from dm2s2_fast.workloads import ads_batch, padded_tokens
 
-ENGINE_BACKENDS = ("torch", "cpp", "triton", "cuda")
+ENGINE_BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
 PEERS = ("hf", "nested", "onnxruntime", "flex")
 # Table order: floor first, then the oracle, the engine, the peers, the pooling row.
 PROVIDERS = ("floor", "reference") + ENGINE_BACKENDS + PEERS + ("pool",)
@@ -46,6 +46,7 @@ PROVIDERS = ("floor", "reference") + ENGINE_BACKENDS + PEERS + ("pool",)
 DESCRIPTIONS = {
     "floor": "the encoder's linear layers on the packed tokens, vendor BLAS (F.linear)",
     "reference": "dm2s2_fast.reference.DM2S2, padded per modality, masked attention",
+    "auto": "FastDM2S2 backend='auto' (per op, the measured choice in backends.AUTO_ORDER / AUTO_CUDA_ORDER)",
     "torch": "FastDM2S2 backend='torch' (ragged, plain PyTorch ops)",
     "cpp": "FastDM2S2 backend='cpp' (C++ CPU kernels)",
     "triton": "FastDM2S2 backend='triton'",
@@ -301,7 +302,10 @@ class EngineRunner(Runner):
 
     def __init__(self, name: str, model: DM2S2, model32: DM2S2, work: Workload):
         device = work.content.device
-        reason = backends.why_not(name, "set_attention", device)
+        if name == "auto":
+            reason = "auto on CPU is the cpp row" if device.type == "cpu" else None
+        else:
+            reason = backends.why_not(name, "set_attention", device)
         if reason is None and name == "triton" and device.type == "cpu":
             reason = "triton on CPU runs only in the interpreter (TRITON_INTERPRET=1): a test mode, not a benchmark"
         if reason is not None:

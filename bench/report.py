@@ -30,8 +30,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-ORDER = ("floor", "reference", "torch", "cpp", "triton", "cuda", "hf", "nested", "onnxruntime", "flex", "pool")
-LABELS = {"floor": "floor (BLAS linears)", "reference": "reference (padded)", "torch": "engine: torch",
+ORDER = ("floor", "reference", "auto", "torch", "cpp", "triton", "cuda", "hf", "nested", "onnxruntime", "flex", "pool")
+LABELS = {"floor": "floor (BLAS linears)", "reference": "reference (padded)", "auto": "engine: auto",
+          "torch": "engine: torch",
           "cpp": "engine: cpp", "triton": "engine: triton", "cuda": "engine: cuda",
           "hf": "HF BertModel (sdpa)", "nested": "nn.TransformerEncoder (nested)",
           "onnxruntime": "ONNX Runtime", "flex": "flex_attention (packed)", "pool": "MRA pool + head"}

@@ -27,15 +27,17 @@ _MODULES = {
     "cuda": "dm2s2_fast.cuda",
 }
 
-# Auto preference per device. On CUDA it is per op, the faster of `cuda` and `triton` as measured
-# on an H200 (bench/gpu_ops.py, ads B=256 bf16, CUDA-graph replay medians; 2026-11-30, run 1 in
-# bench/results/2026-11-30-h200/): set_attention triton 68 µs vs cuda 78; add_layernorm 23 vs 25;
-# bias_gelu 64 vs 65; embed_layernorm 14 vs 15; intra_mra cuda 56 vs triton 183; inter_mra 18 vs
-# 51; mra_pool 70 vs 243. Ops not listed use AUTO_ORDER["cuda"].
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
-AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
-    op: ("cuda", "triton", "torch") for op in ("intra_mra", "inter_mra", "mra_pool")
-}
+# Auto preference per device. On CUDA the choice is per op (AUTO_CUDA_ORDER overrides
+# AUTO_ORDER["cuda"] for the ops it names), the faster of `cuda` and `triton` as the engine runs
+# them: eagerly, host launch cost included. Measured on an H200, ads batch, bf16, 2026-11-30
+# (bench/results/2026-11-30-h200/): per op (run 2, eager medians, µs, triton / cuda) set_attention
+# 68.1 / 77.2, add_layernorm 35.6 / 23.7, bias_gelu 63.6 / 64.0, embed_layernorm 33.4 / 15.1,
+# intra_mra 154.9 / 56.5, inter_mra 93.2 / 17.8, mra_pool 176.2 / 72.4. Triton's attention is the
+# faster kernel, but each Triton launch costs more host time, and the whole model (run 3) ran in
+# 2.43 ms (B=256) and 1.24 ms (B=1) on cuda alone against 2.46 and 1.70 with Triton's attention
+# mixed in: so `cuda` for every op.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {}
 
 
 class BackendUnavailable(RuntimeError):
