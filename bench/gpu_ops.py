@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """Per-op GPU timings of the torch / triton / cuda backends, and FlexAttention for set_attention.
 
-Shapes: DESIGN §6 `ads` at B=256 (``dm2s2_fast.workloads.ads_batch`` when present, else an
-equivalent seeded generator here): ~26-29k packed tokens, d=384, 12 heads of 32, FFN 1536,
-set-attention groups = samples (27..200 tokens), IntraMRA segments = present modalities.
+Shapes: DESIGN §6 `ads` at B=256 (``dm2s2_fast.workloads.ads_batch``): ~26k packed tokens, d=384,
+12 heads of 32, FFN 1536, set-attention groups = samples (27..200 tokens), IntraMRA segments = present modalities.
 
 For each op and backend: a correctness check against the torch kernel run in fp64 (‖out−ref‖/‖ref‖,
 with the torch kernel's own error in that dtype beside it), then the median time of
@@ -71,20 +70,10 @@ def log(*a):
 
 # ------------------------------------------------------------------ workload
 def ads_lengths(B: int, seed: int = 0) -> torch.Tensor:
-    """[B, 4] lengths (title, description, image, category): the lead's generator when present."""
-    try:
-        from dm2s2_fast.workloads import ads_batch
+    """[B, 4] lengths (title, description, image, category) of the seeded DESIGN §6 batch."""
+    from dm2s2_fast.workloads import ads_batch
 
-        return ads_batch(B, seed=seed).layout.lengths.to(torch.int64)
-    except Exception as exc:  # noqa: BLE001 - fall back to DESIGN §6 by hand
-        log(f"dm2s2_fast.workloads unavailable ({type(exc).__name__}: {exc}); generating lengths here")
-    g = torch.Generator().manual_seed(seed)
-    title = torch.randint(6, 25, (B,), generator=g)
-    desc = (8 - 30.0 * torch.rand(B, generator=g).log()).long().clamp(8, 118)
-    desc = torch.where(torch.rand(B, generator=g) < 0.08, torch.randint(90, 119, (B,), generator=g), desc)
-    image = torch.where(torch.rand(B, generator=g) < 0.15, 0, 49)
-    cat = torch.randint(4, 13, (B,), generator=g)
-    return torch.stack([title, desc, image, cat], 1)
+    return ads_batch(B, seed=seed).layout.lengths.to(torch.int64)
 
 
 def offsets(lengths: torch.Tensor, dev) -> torch.Tensor:
