@@ -234,7 +234,8 @@ def render(json_path: str, out_dir: str, command: str | None = None, wall_s: flo
     lines += ["- latency: per call, after warm-up, "
               + ("CUDA events" if env.get("device") == "cuda" else "wall clock (perf_counter)")
               + "; **× floor** = median / the median of the floor timed between this row's rounds "
-              "(floor and provider alternate, so machine noise hits both alike); "
+              "(floor and provider alternate, so machine noise hits both alike; on CPU each timed call follows an "
+              "untimed call of its own, so neither is timed in the other's allocator state); "
               "**vs HF** = HF median / median (> 1: faster than Hugging Face); GFLOP/s counts the useful "
               "(packed-token) FLOPs of the row's scope, so padding shows up as lost GFLOP/s.", ""]
 
