@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-OPS = ("set_attention", "embed_layernorm", "add_layernorm", "bias_gelu", "intra_mra", "inter_mra",
-       "mra_pool")
+OPS = ("set_attention", "embed_layernorm", "add_layernorm", "bias_gelu", "linear_bias_gelu",
+       "linear_add_layernorm", "intra_mra", "inter_mra", "mra_pool")
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 
 # Where each backend's kernels live; importing the module registers them.

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from . import _extension, backends
+from .ops.linear_add_layernorm import composed as composed_linear_add_layernorm
+from .ops.linear_bias_gelu import composed as composed_linear_bias_gelu
 
 _reason = _extension.load()
 backends.register_backend("cpp", ("cpu",), _reason)
@@ -54,6 +56,15 @@ if _reason is None:
     backends.register_kernel(
         "bias_gelu", "cpp", supports=lambda x, bias: _why_not(x, bias),
     )(_ops.bias_gelu.default)
+    # The GEMM stays with MKL; these run it, then the cpp epilogue kernel.
+    backends.register_kernel(
+        "linear_bias_gelu", "cpp", supports=lambda x, weight, bias: _why_not(x, weight, bias),
+    )(composed_linear_bias_gelu(_ops.bias_gelu.default))
+    backends.register_kernel(
+        "linear_add_layernorm", "cpp",
+        supports=lambda x, weight, bias, residual, ln_weight, ln_bias, eps:
+            _why_not(x, weight, bias, residual, ln_weight, ln_bias),
+    )(composed_linear_add_layernorm(_ops.add_layernorm.default))
     backends.register_kernel(
         "intra_mra", "cpp", supports=lambda h, cu, W, c, v: _why_not(h, W, c, v),
     )(_ops.intra_mra.default)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from . import _extension, backends
+from .ops.linear_add_layernorm import composed as composed_linear_add_layernorm
+from .ops.linear_bias_gelu import composed as composed_linear_bias_gelu
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -88,6 +90,17 @@ def add_layernorm_cuda(x, residual, weight, bias, eps):
 @backends.register_kernel("bias_gelu", "cuda", supports=lambda x, bias: _why_not(x, bias))
 def bias_gelu_cuda(x, bias):
     return _ops().bias_gelu(x, bias)
+
+
+# The GEMM stays with cuBLAS; these run it, then the cuda epilogue kernel.
+backends.register_kernel(
+    "linear_bias_gelu", "cuda", supports=lambda x, weight, bias: _why_not(x, weight, bias),
+)(composed_linear_bias_gelu(bias_gelu_cuda))
+backends.register_kernel(
+    "linear_add_layernorm", "cuda",
+    supports=lambda x, weight, bias, residual, ln_weight, ln_bias, eps:
+        _why_not(x, weight, bias, residual, ln_weight, ln_bias),
+)(composed_linear_add_layernorm(add_layernorm_cuda))
 
 
 def _embed_supports(positions, type_ids, position_table, type_table, weight, bias, eps, ids, table, dense,

@@ -89,21 +89,20 @@ class FastDM2S2(nn.Module):
         for layer in model.layers:
             qkv = F.linear(h, layer.qkv.weight, layer.qkv.bias).view(N, 3, H, D)
             context = self._op("set_attention", qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, scale)
-            attended = F.linear(context.reshape(N, d), layer.attention_output.weight,
-                                layer.attention_output.bias)
-            norm = layer.attention_norm
-            h = self._op("add_layernorm", attended, h, norm.weight, norm.bias, norm.eps)
-            inner = self._op("bias_gelu", F.linear(h, layer.intermediate.weight), layer.intermediate.bias)
-            out = F.linear(inner, layer.output.weight, layer.output.bias)
-            norm = layer.output_norm
-            h = self._op("add_layernorm", out, h, norm.weight, norm.bias, norm.eps)
+            out, norm = layer.attention_output, layer.attention_norm
+            h = self._op("linear_add_layernorm", context.reshape(N, d), out.weight, out.bias, h,
+                         norm.weight, norm.bias, norm.eps)
+            inner = self._op("linear_bias_gelu", h, layer.intermediate.weight, layer.intermediate.bias)
+            out, norm = layer.output, layer.output_norm
+            h = self._op("linear_add_layernorm", inner, out.weight, out.bias, h, norm.weight, norm.bias,
+                         norm.eps)
 
         intra, inter = model.intra_mra, model.inter_mra
         z, r, alpha, beta = self._op("mra_pool", h, layout.cu_seqlens_segment, layout.cu_segments,
                                      intra.proj.weight, intra.proj.bias, intra.score,
                                      inter.proj.weight, inter.proj.bias, inter.score)
         head = model.head
-        hidden = self._op("bias_gelu", F.linear(r, head.hidden.weight), head.hidden.bias)
+        hidden = self._op("linear_bias_gelu", r, head.hidden.weight, head.hidden.bias)
         logits = F.linear(hidden, head.out.weight, head.out.bias)
         return DM2S2Output(logits=logits, pooled=r, hidden=h, intra_weights=alpha, inter_weights=beta,
                            segment_pooled=z, layout=layout)
