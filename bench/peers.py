@@ -38,7 +38,8 @@ from dm2s2_fast.reference import DM2S2
 from dm2s2_fast.sequence_set import SequenceSet
 from dm2s2_fast.workloads import ads_batch, padded_tokens
 
-ENGINE_BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+# "<backend>+graphs": the same engine with cuda_graphs=True (one graph replay per shape bucket).
+ENGINE_BACKENDS = ("auto", "torch", "cpp", "triton", "cuda", "auto+graphs", "triton+graphs", "cuda+graphs")
 PEERS = ("hf", "nested", "onnxruntime", "flex")
 # Table order: floor first, then the oracle, the engine, the peers, the pooling row.
 PROVIDERS = ("floor", "reference") + ENGINE_BACKENDS + PEERS + ("pool",)
@@ -51,6 +52,9 @@ DESCRIPTIONS = {
     "cpp": "FastDM2S2 backend='cpp' (C++ CPU kernels)",
     "triton": "FastDM2S2 backend='triton'",
     "cuda": "FastDM2S2 backend='cuda'",
+    "auto+graphs": "FastDM2S2 backend='auto', cuda_graphs=True (batch padded to its bucket, one graph replay)",
+    "triton+graphs": "FastDM2S2 backend='triton', cuda_graphs=True",
+    "cuda+graphs": "FastDM2S2 backend='cuda', cuda_graphs=True",
     "hf": "transformers.BertModel, sdpa attention, padded to the longest sample",
     "nested": "nn.TransformerEncoder fast path (nested tensors from src_key_padding_mask)",
     "onnxruntime": "ONNX Runtime (CPU EP) on the exported padded encoder",
@@ -300,8 +304,11 @@ class ReferenceRunner(Runner):
 class EngineRunner(Runner):
     scope = "model"
 
-    def __init__(self, name: str, model: DM2S2, model32: DM2S2, work: Workload):
+    def __init__(self, provider: str, model: DM2S2, model32: DM2S2, work: Workload):
         device = work.content.device
+        name, _, graphs = provider.partition("+")
+        if graphs and device.type != "cuda":
+            raise Skip("CUDA graphs need a CUDA device")
         if name == "auto":
             reason = "auto on CPU is the cpp row" if device.type == "cpu" else None
         else:
@@ -311,7 +318,7 @@ class EngineRunner(Runner):
         if reason is not None:
             raise Skip(reason)
         try:
-            self.engine = FastDM2S2(model, backend=name)
+            self.engine = FastDM2S2(model, backend=name, cuda_graphs=bool(graphs))
             self.engine32 = FastDM2S2(model32, backend=name) if model32 is not model else self.engine
         except backends.BackendUnavailable as exc:
             raise Skip(str(exc)) from None

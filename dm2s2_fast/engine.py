@@ -19,9 +19,13 @@ class FastDM2S2(nn.Module):
     carries gradients — train the reference model instead. ``backend`` is ``"auto"`` (per op, the
     fastest backend available for the tensors' device) or one of ``torch``, ``triton``, ``cpp``,
     ``cuda`` (raises ``BackendUnavailable`` with the reasons when it cannot run).
+
+    ``cuda_graphs=True`` (model on CUDA) replays each batch as one CUDA graph per shape bucket
+    (``dm2s2_fast.graphs``): the host cost of ~60 launches goes, at the price of padding each batch
+    to its bucket (≤ 25 % more rows) and one capture per new bucket (at most ``max_graphs`` kept).
     """
 
-    def __init__(self, model: DM2S2, backend: str = "auto"):
+    def __init__(self, model: DM2S2, backend: str = "auto", *, cuda_graphs: bool = False, max_graphs: int = 32):
         super().__init__()
         if not isinstance(model, DM2S2):
             raise TypeError(f"convert takes a dm2s2_fast.reference.DM2S2, got {type(model).__name__}")
@@ -31,7 +35,14 @@ class FastDM2S2(nn.Module):
         self.config = model.config
         self.backend = backend
         self.last_backends: dict[str, str] = {}  # op -> backend that ran it in the last forward
-        backends.check_backend(backend, next(model.parameters()).device)
+        device = next(model.parameters()).device
+        backends.check_backend(backend, device)
+        self.graphs = None
+        if cuda_graphs:
+            if device.type != "cuda":
+                raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
+            from .graphs import CUDAGraphRunner
+            self.graphs = CUDAGraphRunner(self, max_graphs=max_graphs)
         super().train(False)
 
     def train(self, mode: bool = True) -> "FastDM2S2":
@@ -56,20 +67,31 @@ class FastDM2S2(nn.Module):
             return self._forward(batch)
 
     def _forward(self, batch: SequenceSet) -> DM2S2Output:
-        cfg, model = self.config, self.model
-        emb = model.embeddings
-        weight = emb.word.weight
+        weight = self.model.embeddings.word.weight
         if batch.device != weight.device:
             raise ValueError(f"the batch is on {batch.device} but the model is on {weight.device}; "
                              f"move one with .to()")
+        if self.graphs is not None and batch.batch_size:
+            return self.graphs(batch)
         layout = batch.layout
+        logits, r, h, alpha, beta, z = self._run(batch.values, layout)
+        return DM2S2Output(logits=logits, pooled=r, hidden=h, intra_weights=alpha, inter_weights=beta,
+                           segment_pooled=z, layout=layout)
+
+    def _run(self, batch_values: dict[str, torch.Tensor], layout, zero_rows: bool = False) -> tuple[torch.Tensor, ...]:
+        """The forward on packed values and a layout (a ``PackedLayout``, or a ``graphs.PaddedBatch``:
+        anything with the offsets, max lengths, ``rows`` and ``positions``). ``zero_rows`` starts
+        rows no embedding writes (a padded batch's) at zero. Returns (logits, r, h, α, β, z)."""
+        cfg, model = self.config, self.model
+        emb = model.embeddings
+        weight = emb.word.weight
         N, d = layout.num_elements, cfg.hidden_size
-        h = torch.empty(N, d, dtype=weight.dtype, device=weight.device)
+        h = (torch.zeros if zero_rows else torch.empty)(N, d, dtype=weight.dtype, device=weight.device)
         for m, modality in enumerate(cfg.modalities):
             rows = layout.rows[m]
             if rows.numel() == 0:
                 continue
-            values = batch.values[modality.name]
+            values = batch_values[modality.name]
             type_ids = torch.full_like(rows, m)
             if modality.kind == "dense":
                 ids, table = None, None
@@ -104,10 +126,10 @@ class FastDM2S2(nn.Module):
         head = model.head
         hidden = self._op("linear_bias_gelu", r, head.hidden.weight, head.hidden.bias)
         logits = F.linear(hidden, head.out.weight, head.out.bias)
-        return DM2S2Output(logits=logits, pooled=r, hidden=h, intra_weights=alpha, inter_weights=beta,
-                           segment_pooled=z, layout=layout)
+        return logits, r, h, alpha, beta, z
 
 
-def convert(model: DM2S2, backend: str = "auto") -> FastDM2S2:
-    """The drop-in replacement: a FastDM2S2 sharing ``model``'s parameters (no copy)."""
-    return FastDM2S2(model, backend=backend)
+def convert(model: DM2S2, backend: str = "auto", **options) -> FastDM2S2:
+    """The drop-in replacement: a FastDM2S2 sharing ``model``'s parameters (no copy); ``options``
+    are FastDM2S2's (``cuda_graphs``, ``max_graphs``)."""
+    return FastDM2S2(model, backend=backend, **options)

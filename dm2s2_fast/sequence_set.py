@@ -47,6 +47,51 @@ class PackedLayout:
     @classmethod
     def build(cls, lengths: torch.Tensor, device: torch.device) -> "PackedLayout":
         lengths = lengths.to("cpu", torch.int64)
+        plan = HostPlan.build(lengths)
+        B = lengths.shape[0]
+        totals, seg_len, per_sample = plan.totals, plan.segment_lengths, plan.segments_per_sample
+        seg_sample, seg_modality = plan.segment_sample, plan.segment_modality
+        element_segment = torch.arange(seg_len.numel()).repeat_interleave(seg_len)
+        element_position = torch.arange(plan.num_elements) - plan.cu_seqlens_segment[:-1][element_segment]
+
+        def dev(t, dtype=torch.int64):
+            return t.to(device=device, dtype=dtype)
+
+        return cls(
+            batch_size=B, num_elements=plan.num_elements, num_segments=int(seg_len.numel()), lengths=lengths,
+            cu_seqlens_set=dev(plan.cu_seqlens_set, torch.int32),
+            max_seqlen_set=int(totals.max()) if B else 0,
+            cu_seqlens_segment=dev(plan.cu_seqlens_segment, torch.int32),
+            max_seqlen_segment=int(seg_len.max()) if seg_len.numel() else 0,
+            cu_segments=dev(plan.cu_segments, torch.int32), max_segments=int(per_sample.max()) if B else 0,
+            segment_sample=dev(seg_sample), segment_modality=dev(seg_modality),
+            element_sample=dev(seg_sample[element_segment]),
+            element_modality=dev(seg_modality[element_segment]),
+            element_position=dev(element_position),
+            rows=tuple(dev(r) for r in plan.rows), positions=tuple(dev(p) for p in plan.positions),
+            empty_samples=dev(totals == 0, torch.bool),
+        )
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """The packing of host ``lengths`` [B, M], as host int64 tensors (what ``PackedLayout`` moves to
+    the device, and what the CUDA-graph buckets pad)."""
+
+    num_elements: int
+    totals: torch.Tensor  # [B] elements per sample
+    cu_seqlens_set: torch.Tensor  # [B+1]
+    cu_seqlens_segment: torch.Tensor  # [S+1]
+    cu_segments: torch.Tensor  # [B+1] segment offsets per sample
+    segment_lengths: torch.Tensor  # [S]
+    segment_sample: torch.Tensor  # [S]
+    segment_modality: torch.Tensor  # [S]
+    segments_per_sample: torch.Tensor  # [B]
+    rows: tuple[torch.Tensor, ...]  # per modality: packed row of each of its values
+    positions: tuple[torch.Tensor, ...]  # per modality: intra-order position of each of its values
+
+    @classmethod
+    def build(cls, lengths: torch.Tensor) -> "HostPlan":
         B, M = lengths.shape
         totals = lengths.sum(1)
         cu_set = torch.zeros(B + 1, dtype=torch.int64)
@@ -55,17 +100,12 @@ class PackedLayout:
         seg_start = cu_set[:-1, None] + torch.cumsum(lengths, 1) - lengths
         flat_len = lengths.reshape(-1)
         present = flat_len > 0
-        seg_sample = torch.arange(B).repeat_interleave(M)[present]
-        seg_modality = torch.arange(M).repeat(B)[present]
         seg_len = flat_len[present]
         cu_seg = torch.zeros(seg_len.numel() + 1, dtype=torch.int64)
         torch.cumsum(seg_len, 0, out=cu_seg[1:])
         per_sample = present.reshape(B, M).sum(1)
         cu_segments = torch.zeros(B + 1, dtype=torch.int64)
         torch.cumsum(per_sample, 0, out=cu_segments[1:])
-        N = int(cu_set[-1])
-        element_segment = torch.arange(seg_len.numel()).repeat_interleave(seg_len)
-        element_position = torch.arange(N) - cu_seg[:-1][element_segment]
         rows, positions = [], []
         for m in range(M):
             lm = lengths[:, m]
@@ -74,23 +114,11 @@ class PackedLayout:
             within = torch.arange(int(lm.sum())) - starts[owner]
             rows.append(seg_start[owner, m] + within)
             positions.append(within)
-
-        def dev(t, dtype=torch.int64):
-            return t.to(device=device, dtype=dtype)
-
-        return cls(
-            batch_size=B, num_elements=N, num_segments=int(seg_len.numel()), lengths=lengths,
-            cu_seqlens_set=dev(cu_set, torch.int32), max_seqlen_set=int(totals.max()) if B else 0,
-            cu_seqlens_segment=dev(cu_seg, torch.int32),
-            max_seqlen_segment=int(seg_len.max()) if seg_len.numel() else 0,
-            cu_segments=dev(cu_segments, torch.int32), max_segments=int(per_sample.max()) if B else 0,
-            segment_sample=dev(seg_sample), segment_modality=dev(seg_modality),
-            element_sample=dev(seg_sample[element_segment]),
-            element_modality=dev(seg_modality[element_segment]),
-            element_position=dev(element_position),
-            rows=tuple(dev(r) for r in rows), positions=tuple(dev(p) for p in positions),
-            empty_samples=dev(totals == 0, torch.bool),
-        )
+        return cls(num_elements=int(cu_set[-1]), totals=totals, cu_seqlens_set=cu_set,
+                   cu_seqlens_segment=cu_seg, cu_segments=cu_segments, segment_lengths=seg_len,
+                   segment_sample=torch.arange(B).repeat_interleave(M)[present],
+                   segment_modality=torch.arange(M).repeat(B)[present], segments_per_sample=per_sample,
+                   rows=tuple(rows), positions=tuple(positions))
 
 
 class SequenceSet:

@@ -1,0 +1,262 @@
+"""CUDA-graph replay of the engine's forward over shape buckets.
+
+Eagerly, a forward is ~60 kernel launches whose host cost (Python, dispatch, Triton's launcher)
+exceeds the GPU time at small batches. A CUDA graph replays them all with one launch, but only for
+the shapes it was captured with, and a ragged batch changes shape every call. So each batch is
+padded into a *bucket* — a static shape that many batches share — and one graph is kept per bucket
+(least recently used evicted past ``max_graphs``).
+
+The padded batch is a valid layout of a larger batch (every op's contract holds as it stands):
+
+- rows: the N real rows, then pad rows up to ``num_elements`` (4 sizes per octave: ≤ 25 % more
+  rows, ~10 % on average; the padding is the only extra work that counts, since every GEMM runs
+  over it);
+- groups (samples): the B real ones, empty ones up to a power of two, then pad samples of at most
+  ``PAD_GROUP`` pad rows each (one segment each), then empty ones — so no attention group is larger
+  than ``PAD_GROUP`` because of padding;
+- segments: the real ones, the pad segments, then zero-length ones up to a fixed count, all owned by
+  the last sample (zero-length segments pool to z = 0 on every backend);
+- per modality: the real values, then entries (id 0, zero features, position 0) that all write the
+  last pad row, up to a power of two.
+
+Pad rows start at zero, so everything computed from them stays finite: a pad row can never put a
+NaN into a real row, even in kernels that mask by multiplying by zero. Real outputs come first in
+every output and are sliced out (and copied, since the next replay overwrites the graph's buffers).
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .output import DM2S2Output
+from .sequence_set import HostPlan, SequenceSet
+
+PAD_GROUP = 64  # the most pad rows in one pad group/segment; also the floor of the max-length caps
+
+
+def geometric_step(x: int, steps_per_octave: int) -> int:
+    """The bucket spacing around ``x``: ``steps_per_octave`` sizes per power of two."""
+    return max(1, 1 << max(0, x.bit_length() - 1 - int(math.log2(steps_per_octave))))
+
+
+def round_geometric(x: int, steps_per_octave: int) -> int:
+    step = geometric_step(x, steps_per_octave)
+    return -(-x // step) * step
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length() if x > 0 else 0
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The static shape a graph is captured for; ``bucket_for`` maps a batch to its bucket."""
+
+    num_elements: int  # rows, real + pad (always at least one pad row)
+    batch_slots: int  # real + empty samples (a power of two)
+    pad_slots: int  # samples that hold the pad rows, PAD_GROUP rows at most each
+    modality_rows: tuple[int, ...]  # per modality: entries of its embedding launch
+    max_seqlen_set: int
+    max_seqlen_segment: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.batch_slots + self.pad_slots
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.modality_rows) * self.batch_slots + self.pad_slots
+
+    def fits(self, plan: HostPlan, lengths: torch.Tensor) -> bool:
+        B, N = lengths.shape[0], plan.num_elements
+        return (B <= self.batch_slots and N < self.num_elements
+                and -(-(self.num_elements - N) // PAD_GROUP) <= self.pad_slots
+                and all(int(lengths[:, m].sum()) <= cap for m, cap in enumerate(self.modality_rows))
+                and _max(plan.totals) <= self.max_seqlen_set
+                and _max(plan.segment_lengths) <= self.max_seqlen_segment)
+
+
+def _max(t: torch.Tensor) -> int:
+    return int(t.max()) if t.numel() else 0
+
+
+def bucket_for(lengths: torch.Tensor, steps_per_octave: int = 4) -> Bucket:
+    """The bucket of a batch with host ``lengths`` [B, M]."""
+    B = lengths.shape[0]
+    # N + 1 rows at least: the pad entries of the embeddings need a pad row to write.
+    num_elements = round_geometric(int(lengths.sum()) + 1, steps_per_octave)
+    totals = lengths.sum(1)
+    return Bucket(
+        num_elements=num_elements,
+        batch_slots=next_pow2(B),
+        # pad rows = num_elements - N <= the step at N + 1 <= the step at num_elements
+        pad_slots=-(-geometric_step(num_elements, steps_per_octave) // PAD_GROUP),
+        modality_rows=tuple(next_pow2(int(t)) for t in lengths.sum(0)),
+        max_seqlen_set=max(PAD_GROUP, next_pow2(_max(totals))),
+        max_seqlen_segment=max(PAD_GROUP, next_pow2(_max(lengths))),
+    )
+
+
+class PaddedBatch:
+    """Static device buffers holding one batch padded into ``bucket``: a layout for
+    ``FastDM2S2._run`` (offsets, max lengths, ``rows``, ``positions``) plus the padded ``values``.
+    ``fill`` writes a batch in place (one host→device copy per index dtype), so a graph captured on
+    these buffers replays on every batch of the bucket."""
+
+    def __init__(self, bucket: Bucket, config, value_dtypes: dict, device: torch.device):
+        self.bucket = bucket
+        self.num_elements = bucket.num_elements
+        self.max_seqlen_set = bucket.max_seqlen_set
+        self.max_seqlen_segment = bucket.max_seqlen_segment
+        pin = device.type == "cuda"
+        caps = bucket.modality_rows
+        # All int64 index vectors in one buffer, all int32 offsets in another: two copies per fill.
+        n64 = 2 * sum(caps)
+        n32 = 2 * (bucket.num_samples + 1) + bucket.num_segments + 1
+        self._host64 = torch.zeros(n64, dtype=torch.int64, pin_memory=pin)
+        self._host32 = torch.zeros(n32, dtype=torch.int32, pin_memory=pin)
+        self._dev64 = torch.zeros(n64, dtype=torch.int64, device=device)
+        self._dev32 = torch.zeros(n32, dtype=torch.int32, device=device)
+        self._copied = torch.cuda.Event() if pin else None  # the staging buffers are free again
+        views64 = list(torch.split(self._dev64, [c for c in caps for _ in range(2)]))
+        self.rows, self.positions = tuple(views64[0::2]), tuple(views64[1::2])
+        self.cu_seqlens_set, self.cu_segments, self.cu_seqlens_segment = torch.split(
+            self._dev32, [bucket.num_samples + 1, bucket.num_samples + 1, bucket.num_segments + 1])
+        self.values = {}
+        for modality, cap in zip(config.modalities, caps):
+            if modality.kind == "dense":
+                self.values[modality.name] = torch.zeros(cap, modality.input_dim, dtype=value_dtypes[modality.name],
+                                                         device=device)
+            else:
+                self.values[modality.name] = torch.zeros(cap, dtype=torch.int64, device=device)
+
+    def fill(self, batch: SequenceSet) -> None:
+        plan = HostPlan.build(batch.layout.lengths)
+        bucket = self.bucket
+        if not bucket.fits(plan, batch.layout.lengths):
+            raise ValueError(f"this batch does not fit {bucket}")
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous fill's copies have read the staging buffers
+        n, last_row = plan.num_elements, bucket.num_elements - 1
+        offset = 0
+        for rows, positions, cap in zip(plan.rows, plan.positions, bucket.modality_rows):
+            t = rows.numel()
+            self._host64[offset:offset + t] = rows
+            self._host64[offset + t:offset + cap] = last_row
+            self._host64[offset + cap:offset + cap + t] = positions
+            self._host64[offset + cap + t:offset + 2 * cap] = 0
+            offset += 2 * cap
+        # Pad samples: PAD_GROUP rows each over [n, num_elements), one segment each.
+        pad_bounds = torch.arange(n, bucket.num_elements, PAD_GROUP)[1:]
+        n_pad, B, S = pad_bounds.numel() + 1, plan.totals.numel(), plan.segment_lengths.numel()
+        samples = bucket.num_samples + 1
+        cu_set, cu_segments, cu_seg = torch.split(
+            self._host32, [samples, samples, bucket.num_segments + 1])
+        cu_set[:B + 1] = plan.cu_seqlens_set
+        cu_set[B + 1:bucket.batch_slots + 1] = n
+        cu_set[bucket.batch_slots + 1:bucket.batch_slots + n_pad] = pad_bounds
+        cu_set[bucket.batch_slots + n_pad:] = bucket.num_elements
+        cu_seg[:S + 1] = plan.cu_seqlens_segment
+        cu_seg[S + 1:S + n_pad] = pad_bounds
+        cu_seg[S + n_pad:] = bucket.num_elements
+        cu_segments[:B + 1] = plan.cu_segments
+        cu_segments[B + 1:bucket.batch_slots + 1] = S
+        cu_segments[bucket.batch_slots + 1:bucket.batch_slots + n_pad + 1] = torch.arange(S + 1, S + n_pad + 1)
+        cu_segments[bucket.batch_slots + n_pad + 1:] = S + n_pad
+        cu_segments[-1] = bucket.num_segments  # the last sample owns the zero-length segments
+        self._dev64.copy_(self._host64, non_blocking=True)
+        self._dev32.copy_(self._host32, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        for name, static in self.values.items():
+            values = batch.values[name]
+            static[:values.shape[0]].copy_(values)
+
+    def outputs(self, static: tuple[torch.Tensor, ...], batch: SequenceSet, copy: bool) -> DM2S2Output:
+        """The real part of the padded outputs (copied out of graph-owned buffers when ``copy``)."""
+        layout = batch.layout
+        B, N, S = layout.batch_size, layout.num_elements, layout.num_segments
+        logits, r, h, alpha, beta, z = (t[:n] for t, n in zip(static, (B, B, N, N, S, S)))
+        if copy:
+            logits, r, h, alpha, beta, z = (t.clone() for t in (logits, r, h, alpha, beta, z))
+        return DM2S2Output(logits=logits, pooled=r, hidden=h, intra_weights=alpha, inter_weights=beta,
+                           segment_pooled=z, layout=layout)
+
+
+def run_padded(engine, batch: SequenceSet, bucket: Bucket | None = None) -> DM2S2Output:
+    """The engine's forward on ``batch`` padded into ``bucket`` (its own by default), eagerly: what
+    a captured graph computes, on any device (tests compare it with the unpadded forward)."""
+    bucket = bucket or bucket_for(batch.layout.lengths)
+    padded = PaddedBatch(bucket, engine.config, _value_dtypes(engine), batch.device)
+    padded.fill(batch)
+    with torch.inference_mode():
+        return padded.outputs(engine._run(padded.values, padded, zero_rows=True), batch, copy=False)
+
+
+def _value_dtypes(engine) -> dict:
+    emb = engine.model.embeddings
+    return {m.name: emb.dense[m.name].weight.dtype for m in engine.config.modalities if m.kind == "dense"}
+
+
+@dataclass
+class _Graph:
+    padded: PaddedBatch
+    graph: "torch.cuda.CUDAGraph"
+    outputs: tuple[torch.Tensor, ...]
+
+
+class CUDAGraphRunner:
+    """Runs ``engine`` by graph replay, one graph per bucket (LRU, at most ``max_graphs``).
+
+    All graphs share one memory pool: they run one at a time on the current stream, so each one's
+    intermediates may reuse another's. ``stats`` counts captures, replays and evictions.
+    """
+
+    def __init__(self, engine, max_graphs: int = 32, steps_per_octave: int = 4):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
+        if steps_per_octave not in (1, 2, 4, 8, 16):
+            raise ValueError(f"steps_per_octave must be 1, 2, 4, 8 or 16, got {steps_per_octave}")
+        self.engine = engine
+        self.max_graphs = max_graphs
+        self.steps_per_octave = steps_per_octave
+        self.stats = {"captures": 0, "replays": 0, "evictions": 0}
+        self._graphs: OrderedDict[Bucket, _Graph] = OrderedDict()
+        self._pool = None
+
+    def __call__(self, batch: SequenceSet) -> DM2S2Output:
+        bucket = bucket_for(batch.layout.lengths, self.steps_per_octave)
+        entry = self._graphs.get(bucket)
+        if entry is None:
+            entry = self._capture(bucket, batch)
+        else:
+            self._graphs.move_to_end(bucket)
+            entry.padded.fill(batch)
+        entry.graph.replay()
+        self.stats["replays"] += 1
+        return entry.padded.outputs(entry.outputs, batch, copy=True)
+
+    def _capture(self, bucket: Bucket, batch: SequenceSet) -> _Graph:
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+            self.stats["evictions"] += 1
+        engine = self.engine
+        padded = PaddedBatch(bucket, engine.config, _value_dtypes(engine), batch.device)
+        padded.fill(batch)
+        # Warm up off the capture: Triton compiles, cuBLAS picks its kernels and workspace.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            engine._run(padded.values, padded, zero_rows=True)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = engine._run(padded.values, padded, zero_rows=True)
+        entry = self._graphs[bucket] = _Graph(padded, graph, outputs)
+        self.stats["captures"] += 1
+        return entry

@@ -1,0 +1,218 @@
+"""CUDA-graph buckets (dm2s2_fast.graphs).
+
+On CPU: the bucket arithmetic, the padded layout's contract, and the padded forward — what a
+captured graph computes — against the unpadded forward, including a buffer refilled with a second
+batch. On CUDA: graph replay against the eager engine, buffer reuse across batches of one bucket,
+outputs that survive the next replay, and LRU eviction.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import FP32_TOL, random_batch, random_model, rel_err, small_config
+from dm2s2_fast import backends, convert
+from dm2s2_fast.graphs import (PAD_GROUP, Bucket, CUDAGraphRunner, PaddedBatch, bucket_for, round_geometric,
+                               run_padded)
+from dm2s2_fast.ops._checks import check_offsets, max_group
+
+FIELDS = ("logits", "pooled", "hidden", "intra_weights", "inter_weights", "segment_pooled")
+
+
+def _lengths(batch):
+    return batch.layout.lengths
+
+
+def _roomier(bucket: Bucket, rows: int = 300) -> Bucket:
+    """A bucket that fits ``bucket``'s batches and any smaller ones, with ``rows`` more pad rows."""
+    num_elements = bucket.num_elements + rows
+    return dataclasses.replace(
+        bucket, num_elements=num_elements, batch_slots=2 * bucket.batch_slots,
+        pad_slots=-(-num_elements // PAD_GROUP), modality_rows=tuple(2 * c for c in bucket.modality_rows),
+        max_seqlen_set=2 * bucket.max_seqlen_set, max_seqlen_segment=2 * bucket.max_seqlen_segment)
+
+
+# ------------------------------------------------------------------------------ bucket arithmetic
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_round_geometric_bounds_the_padding(steps):
+    previous = 0
+    for x in range(1, 5000):
+        cap = round_geometric(x, steps)
+        assert x <= cap <= x + x / steps, (x, cap)  # at most 1/steps more
+        assert cap >= previous  # monotone: a bigger batch never gets a smaller bucket
+        assert round_geometric(cap, steps) == cap  # caps are fixed points
+        previous = cap
+    assert len({round_geometric(x, steps) for x in range(1025, 2049)}) == steps
+
+
+def test_bucket_fits_its_batches():
+    config = small_config()
+    for seed in range(40):
+        B = 1 + seed % 13
+        batch = random_batch(config, B, seed, max_len=8 + seed)
+        bucket = bucket_for(_lengths(batch))
+        padded = PaddedBatch(bucket, config, {"image": torch.float32}, torch.device("cpu"))
+        padded.fill(batch)  # raises if the batch does not fit
+        assert bucket.batch_slots >= B and bucket.num_elements > batch.layout.num_elements
+        assert bucket.max_seqlen_set >= max(PAD_GROUP, batch.layout.max_seqlen_set)
+
+
+def test_padded_layout_keeps_every_op_contract():
+    config = small_config()
+    batch = random_batch(config, 7, 3, max_len=30)
+    big = _roomier(bucket_for(_lengths(batch)))  # many pad rows and groups
+    padded = PaddedBatch(big, config, {"image": torch.float32}, torch.device("cpu"))
+    padded.fill(batch)
+    n = padded.num_elements
+    assert n - batch.layout.num_elements > 2 * PAD_GROUP
+    like = torch.empty(0)
+    assert check_offsets("cu_seqlens_set", padded.cu_seqlens_set, n, like) == big.num_samples
+    assert check_offsets("cu_seqlens_segment", padded.cu_seqlens_segment, n, like) == big.num_segments
+    assert check_offsets("cu_segments", padded.cu_segments, big.num_segments, like) == big.num_samples
+    assert max_group(padded.cu_seqlens_set) <= padded.max_seqlen_set
+    assert max_group(padded.cu_seqlens_segment) <= padded.max_seqlen_segment
+    # Pad rows sit in groups of at most PAD_GROUP: padding never makes a long attention group.
+    pad_groups = padded.cu_seqlens_set[big.batch_slots:]
+    assert max_group(pad_groups) <= PAD_GROUP
+    written = torch.cat(padded.rows)
+    assert int(written.min()) >= 0 and int(written.max()) < n
+    # Every real row is written exactly once by its modality; pads write only the last (pad) row.
+    real = written[written < batch.layout.num_elements]
+    assert torch.equal(real.sort().values, torch.arange(batch.layout.num_elements))
+    assert set(written[written >= batch.layout.num_elements].tolist()) <= {n - 1}
+    for positions in padded.positions:
+        assert positions.numel() == 0 or int(positions.max()) < config.max_positions
+
+
+def test_bucket_errors():
+    config = small_config()
+    small = random_batch(config, 2, 0, max_len=8)
+    large = random_batch(config, 30, 1, max_len=40)
+    padded = PaddedBatch(bucket_for(_lengths(small)), config, {"image": torch.float32}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="does not fit"):
+        padded.fill(large)
+    model = random_model(config)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        convert(model, "torch", cuda_graphs=True)
+    with pytest.raises(ValueError, match="max_graphs"):
+        CUDAGraphRunner(object(), max_graphs=0)
+    with pytest.raises(ValueError, match="steps_per_octave"):
+        CUDAGraphRunner(object(), steps_per_octave=3)
+
+
+# ------------------------------------------------------------------------------ padded forward
+
+def _cpu_backends():
+    params = []
+    for name in ("torch", "cpp", "triton"):
+        reason = backends.why_not(name, "set_attention", "cpu")
+        params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return params
+
+
+def _assert_matches(out, ref, tol, what):
+    for field in FIELDS:
+        a, b = getattr(out, field), getattr(ref, field)
+        assert a.shape == b.shape, (what, field, tuple(a.shape), tuple(b.shape))
+        err = rel_err(a.float().cpu(), b.double().cpu())
+        assert err <= tol, f"{what} {field}: {err:.2e} > {tol:.1e}"
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("attention", ["set", "modality"])
+def test_padded_forward_matches_unpadded(backend, attention):
+    config = small_config(attention)
+    engine = convert(random_model(config, 5), backend)
+    batch = random_batch(config, 6, 5, max_len=24)
+    ref = engine(batch)
+    _assert_matches(run_padded(engine, batch), ref, FP32_TOL, f"{backend}/{attention} own bucket")
+    roomy = _roomier(bucket_for(_lengths(batch)))
+    _assert_matches(run_padded(engine, batch, roomy), ref, FP32_TOL, f"{backend}/{attention} larger bucket")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_padded_buffers_refilled_with_another_batch(backend):
+    """What a graph replay relies on: a second fill leaves nothing of the first batch behind."""
+    if backends.why_not(backend, "set_attention", "cpu"):
+        pytest.skip(backends.why_not(backend, "set_attention", "cpu"))
+    config = small_config()
+    engine = convert(random_model(config, 8), backend)
+    first = random_batch(config, 9, 8, max_len=30)
+    second = random_batch(config, 5, 9, max_len=30)
+    bucket = _roomier(bucket_for(_lengths(first)))
+    padded = PaddedBatch(bucket, config, {"image": torch.float32}, torch.device("cpu"))
+    for batch in (first, second):
+        padded.fill(batch)
+        with torch.inference_mode():
+            static = engine._run(padded.values, padded, zero_rows=True)
+        for t in static:  # pad rows included: nothing non-finite anywhere, so nothing can leak
+            assert torch.isfinite(t).all()
+        _assert_matches(padded.outputs(static, batch, copy=True), engine(batch), FP32_TOL, backend)
+
+
+def test_padded_forward_of_empty_samples():
+    config = small_config()
+    engine = convert(random_model(config, 2), "torch")
+    lengths = torch.zeros(3, config.num_modalities, dtype=torch.int64)
+    lengths[1, 0] = 1
+    batch = random_batch(config, 3, 2, lengths=lengths)
+    _assert_matches(run_padded(engine, batch), engine(batch), FP32_TOL, "one element in three samples")
+    empty = random_batch(config, 2, 2, lengths=torch.zeros(2, config.num_modalities, dtype=torch.int64))
+    _assert_matches(run_padded(engine, empty), engine(empty), FP32_TOL, "no elements")
+
+
+# ------------------------------------------------------------------------------ CUDA graphs
+
+def _gpu_cases():
+    for backend in ("cuda", "triton", "torch"):
+        for dtype in (torch.float32, torch.bfloat16):
+            yield pytest.param(backend, dtype, marks=pytest.mark.cuda, id=f"{backend}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("backend,dtype", list(_gpu_cases()))
+def test_graph_replay_matches_eager(backend, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = backends.why_not(backend, "set_attention", "cuda")
+    if reason:
+        pytest.skip(f"{backend} unavailable on cuda: {reason}")
+    config = small_config()
+    model = copy.deepcopy(random_model(config, 11)).to(device="cuda", dtype=dtype)
+    eager = convert(model, backend)
+    graphed = convert(model, backend, cuda_graphs=True, max_graphs=2)
+    tol = FP32_TOL if dtype == torch.float32 else 2e-2
+    first = random_batch(config, 9, 11, max_len=30).to("cuda")
+    same_bucket = random_batch(config, 9, 12, max_len=30)
+    assert bucket_for(_lengths(same_bucket)) == bucket_for(_lengths(first)), "pick another seed"
+    other = random_batch(config, 3, 13, max_len=10).to("cuda")
+    kept = graphed(first)
+    kept_copy = {f: getattr(kept, f).clone() for f in FIELDS}
+    for batch in (first, same_bucket.to("cuda"), other, first):
+        _assert_matches(graphed(batch), eager(batch), tol, f"graph {backend}/{dtype}")
+    for f in FIELDS:  # later replays did not overwrite what the first call returned
+        assert torch.equal(getattr(kept, f), kept_copy[f]), f
+    stats = graphed.graphs.stats
+    assert stats["captures"] == 2 and stats["replays"] == 5 and stats["evictions"] == 0, stats
+    third = random_batch(config, 40, 14, max_len=40).to("cuda")
+    _assert_matches(graphed(third), eager(third), tol, "third bucket")
+    assert graphed.graphs.stats["evictions"] == 1 and len(graphed.graphs._graphs) == 2
+
+
+def test_graph_replay_on_the_ads_batch():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from dm2s2_fast import DM2S2Config
+    from dm2s2_fast.reference import DM2S2
+    from dm2s2_fast.workloads import ads_batch
+
+    config = DM2S2Config.default_ads()
+    torch.manual_seed(0)
+    model = DM2S2(config).eval().to(device="cuda", dtype=torch.bfloat16)
+    eager, graphed = convert(model), convert(model, cuda_graphs=True)
+    for B in (1, 64, 256):
+        batch = ads_batch(B, config, seed=B).to("cuda")
+        _assert_matches(graphed(batch), eager(batch), 2e-2, f"ads B={B}")
