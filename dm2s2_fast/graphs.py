@@ -29,6 +29,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .output import DM2S2Output
@@ -70,33 +71,31 @@ class Bucket:
     def num_segments(self) -> int:
         return len(self.modality_rows) * self.batch_slots + self.pad_slots
 
-    def fits(self, plan: HostPlan, lengths: torch.Tensor) -> bool:
-        B, N = lengths.shape[0], plan.num_elements
-        return (B <= self.batch_slots and N < self.num_elements
+    def fits(self, plan: HostPlan) -> bool:
+        N = plan.num_elements
+        return (plan.lengths.shape[0] <= self.batch_slots and N < self.num_elements
                 and -(-(self.num_elements - N) // PAD_GROUP) <= self.pad_slots
-                and all(int(lengths[:, m].sum()) <= cap for m, cap in enumerate(self.modality_rows))
+                and all(int(t) <= cap for t, cap in zip(plan.lengths.sum(0), self.modality_rows))
                 and _max(plan.totals) <= self.max_seqlen_set
                 and _max(plan.segment_lengths) <= self.max_seqlen_segment)
 
 
-def _max(t: torch.Tensor) -> int:
-    return int(t.max()) if t.numel() else 0
+def _max(a: np.ndarray) -> int:
+    return int(a.max()) if a.size else 0
 
 
-def bucket_for(lengths: torch.Tensor, steps_per_octave: int = 4) -> Bucket:
-    """The bucket of a batch with host ``lengths`` [B, M]."""
-    B = lengths.shape[0]
+def bucket_for(plan: HostPlan, steps_per_octave: int = 4) -> Bucket:
+    """The bucket of a batch (given its ``layout.host`` plan)."""
     # N + 1 rows at least: the pad entries of the embeddings need a pad row to write.
-    num_elements = round_geometric(int(lengths.sum()) + 1, steps_per_octave)
-    totals = lengths.sum(1)
+    num_elements = round_geometric(plan.num_elements + 1, steps_per_octave)
     return Bucket(
         num_elements=num_elements,
-        batch_slots=next_pow2(B),
+        batch_slots=next_pow2(plan.lengths.shape[0]),
         # pad rows = num_elements - N <= the step at N + 1 <= the step at num_elements
         pad_slots=-(-geometric_step(num_elements, steps_per_octave) // PAD_GROUP),
-        modality_rows=tuple(next_pow2(int(t)) for t in lengths.sum(0)),
-        max_seqlen_set=max(PAD_GROUP, next_pow2(_max(totals))),
-        max_seqlen_segment=max(PAD_GROUP, next_pow2(_max(lengths))),
+        modality_rows=tuple(next_pow2(int(t)) for t in plan.lengths.sum(0)),
+        max_seqlen_set=max(PAD_GROUP, next_pow2(_max(plan.totals))),
+        max_seqlen_segment=max(PAD_GROUP, next_pow2(_max(plan.lengths))),
     )
 
 
@@ -134,27 +133,27 @@ class PaddedBatch:
                 self.values[modality.name] = torch.zeros(cap, dtype=torch.int64, device=device)
 
     def fill(self, batch: SequenceSet) -> None:
-        plan = HostPlan.build(batch.layout.lengths)
+        plan = batch.layout.host
         bucket = self.bucket
-        if not bucket.fits(plan, batch.layout.lengths):
+        if not bucket.fits(plan):
             raise ValueError(f"this batch does not fit {bucket}")
         if self._copied is not None:
             self._copied.synchronize()  # the previous fill's copies have read the staging buffers
         n, last_row = plan.num_elements, bucket.num_elements - 1
         offset = 0
+        host64, host32 = self._host64.numpy(), self._host32.numpy()
         for rows, positions, cap in zip(plan.rows, plan.positions, bucket.modality_rows):
-            t = rows.numel()
-            self._host64[offset:offset + t] = rows
-            self._host64[offset + t:offset + cap] = last_row
-            self._host64[offset + cap:offset + cap + t] = positions
-            self._host64[offset + cap + t:offset + 2 * cap] = 0
+            t = rows.shape[0]
+            host64[offset:offset + t] = rows
+            host64[offset + t:offset + cap] = last_row
+            host64[offset + cap:offset + cap + t] = positions
+            host64[offset + cap + t:offset + 2 * cap] = 0
             offset += 2 * cap
         # Pad samples: PAD_GROUP rows each over [n, num_elements), one segment each.
-        pad_bounds = torch.arange(n, bucket.num_elements, PAD_GROUP)[1:]
-        n_pad, B, S = pad_bounds.numel() + 1, plan.totals.numel(), plan.segment_lengths.numel()
+        pad_bounds = np.arange(n, bucket.num_elements, PAD_GROUP)[1:]
+        n_pad, B, S = pad_bounds.shape[0] + 1, plan.lengths.shape[0], plan.num_segments
         samples = bucket.num_samples + 1
-        cu_set, cu_segments, cu_seg = torch.split(
-            self._host32, [samples, samples, bucket.num_segments + 1])
+        cu_set, cu_segments, cu_seg = np.split(host32, [samples, 2 * samples])
         cu_set[:B + 1] = plan.cu_seqlens_set
         cu_set[B + 1:bucket.batch_slots + 1] = n
         cu_set[bucket.batch_slots + 1:bucket.batch_slots + n_pad] = pad_bounds
@@ -164,7 +163,7 @@ class PaddedBatch:
         cu_seg[S + n_pad:] = bucket.num_elements
         cu_segments[:B + 1] = plan.cu_segments
         cu_segments[B + 1:bucket.batch_slots + 1] = S
-        cu_segments[bucket.batch_slots + 1:bucket.batch_slots + n_pad + 1] = torch.arange(S + 1, S + n_pad + 1)
+        cu_segments[bucket.batch_slots + 1:bucket.batch_slots + n_pad + 1] = np.arange(S + 1, S + n_pad + 1)
         cu_segments[bucket.batch_slots + n_pad + 1:] = S + n_pad
         cu_segments[-1] = bucket.num_segments  # the last sample owns the zero-length segments
         self._dev64.copy_(self._host64, non_blocking=True)
@@ -189,7 +188,7 @@ class PaddedBatch:
 def run_padded(engine, batch: SequenceSet, bucket: Bucket | None = None) -> DM2S2Output:
     """The engine's forward on ``batch`` padded into ``bucket`` (its own by default), eagerly: what
     a captured graph computes, on any device (tests compare it with the unpadded forward)."""
-    bucket = bucket or bucket_for(batch.layout.lengths)
+    bucket = bucket or bucket_for(batch.layout.host)
     padded = PaddedBatch(bucket, engine.config, _value_dtypes(engine), batch.device)
     padded.fill(batch)
     with torch.inference_mode():
@@ -228,7 +227,7 @@ class CUDAGraphRunner:
         self._pool = None
 
     def __call__(self, batch: SequenceSet) -> DM2S2Output:
-        bucket = bucket_for(batch.layout.lengths, self.steps_per_octave)
+        bucket = bucket_for(batch.layout.host, self.steps_per_octave)
         entry = self._graphs.get(bucket)
         if entry is None:
             entry = self._capture(bucket, batch)

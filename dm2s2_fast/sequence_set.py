@@ -1,9 +1,10 @@
 """SequenceSet: the ragged batch of DESIGN §2 (per-modality packed values + lengths, no padding)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from .config import DM2S2Config, Modality
@@ -18,11 +19,92 @@ def _sample_of(lengths: torch.Tensor, flat_index: int) -> int:
 
 
 @dataclass(frozen=True)
+class HostPlan:
+    """The packing of host ``lengths`` [B, M], as host int64 arrays: what ``PackedLayout`` moves to
+    the device, and what the CUDA-graph buckets pad. Computed with numpy: a batch's plan is host
+    work on every request, and numpy's per-call cost on small arrays is a fraction of torch's."""
+
+    lengths: np.ndarray  # [B, M]
+    totals: np.ndarray  # [B] elements per sample
+    cu_seqlens_set: np.ndarray  # [B+1]
+    cu_seqlens_segment: np.ndarray  # [S+1]
+    cu_segments: np.ndarray  # [B+1] segment offsets per sample
+    segment_lengths: np.ndarray  # [S]
+    segment_sample: np.ndarray  # [S]
+    segment_modality: np.ndarray  # [S]
+    element_sample: np.ndarray  # [N]
+    element_modality: np.ndarray  # [N]
+    element_position: np.ndarray  # [N]
+    rows: tuple[np.ndarray, ...]  # per modality: packed row of each of its values
+    positions: tuple[np.ndarray, ...]  # per modality: intra-order position of each of its values
+
+    @property
+    def num_elements(self) -> int:
+        return int(self.cu_seqlens_set[-1])
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.segment_lengths.shape[0])
+
+    @classmethod
+    def build(cls, lengths: np.ndarray) -> "HostPlan":
+        B, M = lengths.shape
+        totals = lengths.sum(1)
+        cu_set = _offsets(totals)
+        # start row of segment (b, m) = sample start + lengths of the modalities before m.
+        seg_start = cu_set[:-1, None] + np.cumsum(lengths, 1) - lengths
+        flat_len = lengths.reshape(-1)
+        present = flat_len > 0
+        seg_len = flat_len[present]
+        cu_seg = _offsets(seg_len)
+        seg_sample = np.repeat(np.arange(B), M)[present]
+        seg_modality = np.tile(np.arange(M), B)[present]
+        element_segment = np.repeat(np.arange(seg_len.shape[0]), seg_len)
+        rows, positions = [], []
+        for m in range(M):
+            lm = lengths[:, m]
+            owner = np.repeat(np.arange(B), lm)
+            within = np.arange(owner.shape[0]) - (np.cumsum(lm) - lm)[owner]
+            rows.append(seg_start[owner, m] + within)
+            positions.append(within)
+        return cls(lengths=lengths, totals=totals, cu_seqlens_set=cu_set, cu_seqlens_segment=cu_seg,
+                   cu_segments=_offsets(present.reshape(B, M).sum(1)), segment_lengths=seg_len,
+                   segment_sample=seg_sample, segment_modality=seg_modality,
+                   element_sample=seg_sample[element_segment], element_modality=seg_modality[element_segment],
+                   element_position=np.arange(cu_set[-1]) - cu_seg[:-1][element_segment],
+                   rows=tuple(rows), positions=tuple(positions))
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def _to_device(arrays: list[tuple[np.ndarray, torch.dtype]], device: torch.device) -> list[torch.Tensor]:
+    """``arrays`` as tensors of the given dtypes on ``device``, through one host→device copy: they
+    are packed into one byte buffer (each 8-byte aligned) and viewed back out of its device copy."""
+    sizes = [a.shape[0] * _ITEMSIZE[dt] for a, dt in arrays]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + -(-n // 8) * 8)
+    host = np.empty(starts[-1], dtype=np.uint8)
+    for (a, dt), start, n in zip(arrays, starts, sizes):
+        host[start:start + n] = a.astype(_NUMPY[dt], copy=False).view(np.uint8)
+    buffer = torch.from_numpy(host).to(device)
+    return [buffer[start:start + n].view(dt) for (a, dt), start, n in zip(arrays, starts, sizes)]
+
+
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
+_ITEMSIZE = {torch.int64: 8, torch.int32: 4, torch.bool: 1}
+
+
+@dataclass(frozen=True)
 class PackedLayout:
     """How a batch packs: sample-major elements, modalities in config order inside each sample.
 
     Offsets are int32 (the varlen contract); index vectors int64; all on the batch's device except
-    ``lengths`` (host copy, [B, M]).
+    ``lengths`` (host copy, [B, M]) and ``host`` (the same plan as host arrays).
     """
 
     batch_size: int
@@ -43,82 +125,30 @@ class PackedLayout:
     rows: tuple[torch.Tensor, ...]  # per modality: packed row of each of its values
     positions: tuple[torch.Tensor, ...]  # per modality: intra-order position of each of its values
     empty_samples: torch.Tensor  # [B] bool: samples with no element at all (r = 0)
+    host: HostPlan = field(repr=False, compare=False)
 
     @classmethod
     def build(cls, lengths: torch.Tensor, device: torch.device) -> "PackedLayout":
         lengths = lengths.to("cpu", torch.int64)
-        plan = HostPlan.build(lengths)
-        B = lengths.shape[0]
-        totals, seg_len, per_sample = plan.totals, plan.segment_lengths, plan.segments_per_sample
-        seg_sample, seg_modality = plan.segment_sample, plan.segment_modality
-        element_segment = torch.arange(seg_len.numel()).repeat_interleave(seg_len)
-        element_position = torch.arange(plan.num_elements) - plan.cu_seqlens_segment[:-1][element_segment]
-
-        def dev(t, dtype=torch.int64):
-            return t.to(device=device, dtype=dtype)
-
-        return cls(
-            batch_size=B, num_elements=plan.num_elements, num_segments=int(seg_len.numel()), lengths=lengths,
-            cu_seqlens_set=dev(plan.cu_seqlens_set, torch.int32),
-            max_seqlen_set=int(totals.max()) if B else 0,
-            cu_seqlens_segment=dev(plan.cu_seqlens_segment, torch.int32),
-            max_seqlen_segment=int(seg_len.max()) if seg_len.numel() else 0,
-            cu_segments=dev(plan.cu_segments, torch.int32), max_segments=int(per_sample.max()) if B else 0,
-            segment_sample=dev(seg_sample), segment_modality=dev(seg_modality),
-            element_sample=dev(seg_sample[element_segment]),
-            element_modality=dev(seg_modality[element_segment]),
-            element_position=dev(element_position),
-            rows=tuple(dev(r) for r in plan.rows), positions=tuple(dev(p) for p in plan.positions),
-            empty_samples=dev(totals == 0, torch.bool),
-        )
-
-
-@dataclass(frozen=True)
-class HostPlan:
-    """The packing of host ``lengths`` [B, M], as host int64 tensors (what ``PackedLayout`` moves to
-    the device, and what the CUDA-graph buckets pad)."""
-
-    num_elements: int
-    totals: torch.Tensor  # [B] elements per sample
-    cu_seqlens_set: torch.Tensor  # [B+1]
-    cu_seqlens_segment: torch.Tensor  # [S+1]
-    cu_segments: torch.Tensor  # [B+1] segment offsets per sample
-    segment_lengths: torch.Tensor  # [S]
-    segment_sample: torch.Tensor  # [S]
-    segment_modality: torch.Tensor  # [S]
-    segments_per_sample: torch.Tensor  # [B]
-    rows: tuple[torch.Tensor, ...]  # per modality: packed row of each of its values
-    positions: tuple[torch.Tensor, ...]  # per modality: intra-order position of each of its values
-
-    @classmethod
-    def build(cls, lengths: torch.Tensor) -> "HostPlan":
+        plan = HostPlan.build(lengths.numpy())
         B, M = lengths.shape
-        totals = lengths.sum(1)
-        cu_set = torch.zeros(B + 1, dtype=torch.int64)
-        torch.cumsum(totals, 0, out=cu_set[1:])
-        # start row of segment (b, m) = sample start + lengths of the modalities before m.
-        seg_start = cu_set[:-1, None] + torch.cumsum(lengths, 1) - lengths
-        flat_len = lengths.reshape(-1)
-        present = flat_len > 0
-        seg_len = flat_len[present]
-        cu_seg = torch.zeros(seg_len.numel() + 1, dtype=torch.int64)
-        torch.cumsum(seg_len, 0, out=cu_seg[1:])
-        per_sample = present.reshape(B, M).sum(1)
-        cu_segments = torch.zeros(B + 1, dtype=torch.int64)
-        torch.cumsum(per_sample, 0, out=cu_segments[1:])
-        rows, positions = [], []
-        for m in range(M):
-            lm = lengths[:, m]
-            owner = torch.arange(B).repeat_interleave(lm)
-            starts = torch.cumsum(lm, 0) - lm
-            within = torch.arange(int(lm.sum())) - starts[owner]
-            rows.append(seg_start[owner, m] + within)
-            positions.append(within)
-        return cls(num_elements=int(cu_set[-1]), totals=totals, cu_seqlens_set=cu_set,
-                   cu_seqlens_segment=cu_seg, cu_segments=cu_segments, segment_lengths=seg_len,
-                   segment_sample=torch.arange(B).repeat_interleave(M)[present],
-                   segment_modality=torch.arange(M).repeat(B)[present], segments_per_sample=per_sample,
-                   rows=tuple(rows), positions=tuple(positions))
+        i32, i64 = torch.int32, torch.int64
+        arrays = [(plan.cu_seqlens_set, i32), (plan.cu_seqlens_segment, i32), (plan.cu_segments, i32),
+                  (plan.segment_sample, i64), (plan.segment_modality, i64), (plan.element_sample, i64),
+                  (plan.element_modality, i64), (plan.element_position, i64), (plan.totals == 0, torch.bool)]
+        arrays += [(r, i64) for r in plan.rows] + [(p, i64) for p in plan.positions]
+        (cu_set, cu_seg, cu_segments, seg_sample, seg_modality, el_sample, el_modality, el_position,
+         empty, *rows_positions) = _to_device(arrays, device)
+        seg_len, per_sample = plan.segment_lengths, np.diff(plan.cu_segments)
+        return cls(
+            batch_size=B, num_elements=plan.num_elements, num_segments=plan.num_segments, lengths=lengths,
+            cu_seqlens_set=cu_set, max_seqlen_set=int(plan.totals.max()) if B else 0,
+            cu_seqlens_segment=cu_seg, max_seqlen_segment=int(seg_len.max()) if seg_len.shape[0] else 0,
+            cu_segments=cu_segments, max_segments=int(per_sample.max()) if B else 0,
+            segment_sample=seg_sample, segment_modality=seg_modality, element_sample=el_sample,
+            element_modality=el_modality, element_position=el_position,
+            rows=tuple(rows_positions[:M]), positions=tuple(rows_positions[M:]), empty_samples=empty, host=plan,
+        )
 
 
 class SequenceSet:

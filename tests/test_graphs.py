@@ -22,8 +22,8 @@ from dm2s2_fast.ops._checks import check_offsets, max_group
 FIELDS = ("logits", "pooled", "hidden", "intra_weights", "inter_weights", "segment_pooled")
 
 
-def _lengths(batch):
-    return batch.layout.lengths
+def _plan(batch):
+    return batch.layout.host
 
 
 def _roomier(bucket: Bucket, rows: int = 300) -> Bucket:
@@ -54,7 +54,7 @@ def test_bucket_fits_its_batches():
     for seed in range(40):
         B = 1 + seed % 13
         batch = random_batch(config, B, seed, max_len=8 + seed)
-        bucket = bucket_for(_lengths(batch))
+        bucket = bucket_for(_plan(batch))
         padded = PaddedBatch(bucket, config, {"image": torch.float32}, torch.device("cpu"))
         padded.fill(batch)  # raises if the batch does not fit
         assert bucket.batch_slots >= B and bucket.num_elements > batch.layout.num_elements
@@ -64,7 +64,7 @@ def test_bucket_fits_its_batches():
 def test_padded_layout_keeps_every_op_contract():
     config = small_config()
     batch = random_batch(config, 7, 3, max_len=30)
-    big = _roomier(bucket_for(_lengths(batch)))  # many pad rows and groups
+    big = _roomier(bucket_for(_plan(batch)))  # many pad rows and groups
     padded = PaddedBatch(big, config, {"image": torch.float32}, torch.device("cpu"))
     padded.fill(batch)
     n = padded.num_elements
@@ -92,7 +92,7 @@ def test_bucket_errors():
     config = small_config()
     small = random_batch(config, 2, 0, max_len=8)
     large = random_batch(config, 30, 1, max_len=40)
-    padded = PaddedBatch(bucket_for(_lengths(small)), config, {"image": torch.float32}, torch.device("cpu"))
+    padded = PaddedBatch(bucket_for(_plan(small)), config, {"image": torch.float32}, torch.device("cpu"))
     with pytest.raises(ValueError, match="does not fit"):
         padded.fill(large)
     model = random_model(config)
@@ -130,7 +130,7 @@ def test_padded_forward_matches_unpadded(backend, attention):
     batch = random_batch(config, 6, 5, max_len=24)
     ref = engine(batch)
     _assert_matches(run_padded(engine, batch), ref, FP32_TOL, f"{backend}/{attention} own bucket")
-    roomy = _roomier(bucket_for(_lengths(batch)))
+    roomy = _roomier(bucket_for(_plan(batch)))
     _assert_matches(run_padded(engine, batch, roomy), ref, FP32_TOL, f"{backend}/{attention} larger bucket")
 
 
@@ -143,7 +143,7 @@ def test_padded_buffers_refilled_with_another_batch(backend):
     engine = convert(random_model(config, 8), backend)
     first = random_batch(config, 9, 8, max_len=30)
     second = random_batch(config, 5, 9, max_len=30)
-    bucket = _roomier(bucket_for(_lengths(first)))
+    bucket = _roomier(bucket_for(_plan(first)))
     padded = PaddedBatch(bucket, config, {"image": torch.float32}, torch.device("cpu"))
     for batch in (first, second):
         padded.fill(batch)
@@ -187,7 +187,7 @@ def test_graph_replay_matches_eager(backend, dtype):
     tol = FP32_TOL if dtype == torch.float32 else 2e-2
     first = random_batch(config, 9, 11, max_len=30).to("cuda")
     same_bucket = random_batch(config, 9, 12, max_len=30)
-    assert bucket_for(_lengths(same_bucket)) == bucket_for(_lengths(first)), "pick another seed"
+    assert bucket_for(_plan(same_bucket)) == bucket_for(_plan(first)), "pick another seed"
     other = random_batch(config, 3, 13, max_len=10).to("cuda")
     kept = graphed(first)
     kept_copy = {f: getattr(kept, f).clone() for f in FIELDS}
