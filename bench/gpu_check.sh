@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device-machine check, in one call (H200: torch 2.11 + CUDA 13, Triton, nvcc, no network):
 # build the extension with its CUDA kernels, run the GPU tests, time the ops and the whole model.
-# Everything lands under $OUT (at most 8 files come back): summary.txt, env.txt, build.log,
-# tests.log, gpu_ops.json, gpu_ops.log, bench.log, results.tgz.
+# Everything lands under $OUT (few files come back): summary.txt, env.txt, build.log, tests.log,
+# gpu_ops.log, bench.log, and results.tgz (junit.xml, bench/, gpu_ops.json, gpu_linear.json,
+# serving.json and their logs).
 # Usage there: bash bench/gpu_check.sh; STAGES="build tests" picks stages; each stage has its own
 # time limit (LIMIT_<stage> overrides) and a failure does not stop the rest; BENCH_ARGS replaces the
 # model benchmark's size/provider arguments.
@@ -11,7 +12,7 @@ OUT=${OUT:-/tmp/dm2s2_gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 PY=${PY:-python3}
-STAGES=${STAGES:-build tests gpu_ops bench}
+STAGES=${STAGES:-build tests gpu_ops gpu_linear serving bench}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -35,7 +36,8 @@ if wanted build; then
 fi
 if wanted tests; then
   stage tests 200 "$OUT/tests.log" env DM2S2_FAST_REQUIRE_CUDA=1 "$PY" -m pytest -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/junit.xml" tests/test_triton_ops.py tests/test_cuda_ops.py tests/test_model_backends.py
+    --junitxml="$OUT/junit.xml" tests/test_triton_ops.py tests/test_cuda_ops.py tests/test_model_backends.py \
+    tests/test_linear_ops.py tests/test_triton_linear.py tests/test_graphs.py
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 >> "$SUMMARY"
   tail -3 "$OUT/tests.log" >> "$SUMMARY"
 fi
@@ -43,11 +45,23 @@ if wanted gpu_ops; then
   stage gpu_ops 120 "$OUT/gpu_ops.log" "$PY" bench/gpu_ops.py --out "$OUT/gpu_ops.json"
   tail -40 "$OUT/gpu_ops.log" >> "$SUMMARY"
 fi
+if wanted gpu_linear; then  # fused GEMM epilogues vs cuBLAS + the separate epilogue kernel
+  stage gpu_linear 90 "$OUT/gpu_linear.log" "$PY" bench/gpu_linear.py --out "$OUT/gpu_linear.json"
+  tail -30 "$OUT/gpu_linear.log" >> "$SUMMARY"
+fi
+if wanted serving; then  # per-request latency, eager vs CUDA graphs, a different batch every request
+  stage serving 120 "$OUT/serving.log" "$PY" bench/serving.py --device cuda --backends auto,triton \
+    --out "$OUT/serving.json"
+  tail -20 "$OUT/serving.log" >> "$SUMMARY"
+fi
 if wanted bench; then
   # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
   stage bench 200 "$OUT/bench.log" "$PY" bench/report.py --device cuda ${BENCH_ARGS:---sizes 256,64,16,1 --deadline 140} --out-dir "$OUT/bench"
   tail -30 "$OUT/bench.log" >> "$SUMMARY"
 fi
-tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls -d junit.xml bench 2>/dev/null) 2>/dev/null
-rm -rf "$OUT/bench" "$OUT/junit.xml"
+KEEP="junit.xml bench gpu_ops.json gpu_linear.json gpu_linear.log serving.json serving.log"
+# shellcheck disable=SC2046,SC2086  # word lists on purpose
+tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls -d $KEEP 2>/dev/null) 2>/dev/null
+# shellcheck disable=SC2086
+(cd "$OUT" && rm -rf $KEEP)
 cat "$SUMMARY"

@@ -22,10 +22,12 @@ class FastDM2S2(nn.Module):
 
     ``cuda_graphs=True`` (model on CUDA) replays each batch as one CUDA graph per shape bucket
     (``dm2s2_fast.graphs``): the host cost of ~60 launches goes, at the price of padding each batch
-    to its bucket (≤ 25 % more rows) and one capture per new bucket (at most ``max_graphs`` kept).
+    to its bucket (``bucket_steps`` row counts per octave: ≤ 1/bucket_steps more rows) and one capture
+    per new bucket (at most ``max_graphs`` kept).
     """
 
-    def __init__(self, model: DM2S2, backend: str = "auto", *, cuda_graphs: bool = False, max_graphs: int = 32):
+    def __init__(self, model: DM2S2, backend: str = "auto", *, cuda_graphs: bool = False, max_graphs: int = 32,
+                 bucket_steps: int = 4):
         super().__init__()
         if not isinstance(model, DM2S2):
             raise TypeError(f"convert takes a dm2s2_fast.reference.DM2S2, got {type(model).__name__}")
@@ -42,7 +44,7 @@ class FastDM2S2(nn.Module):
             if device.type != "cuda":
                 raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
             from .graphs import CUDAGraphRunner
-            self.graphs = CUDAGraphRunner(self, max_graphs=max_graphs)
+            self.graphs = CUDAGraphRunner(self, max_graphs=max_graphs, steps_per_octave=bucket_steps)
         super().train(False)
 
     def train(self, mode: bool = True) -> "FastDM2S2":
@@ -131,5 +133,5 @@ class FastDM2S2(nn.Module):
 
 def convert(model: DM2S2, backend: str = "auto", **options) -> FastDM2S2:
     """The drop-in replacement: a FastDM2S2 sharing ``model``'s parameters (no copy); ``options``
-    are FastDM2S2's (``cuda_graphs``, ``max_graphs``)."""
+    are FastDM2S2's (``cuda_graphs``, ``max_graphs``, ``bucket_steps``)."""
     return FastDM2S2(model, backend=backend, **options)
