@@ -37,12 +37,8 @@ from dm2s2_fast.engine import FastDM2S2
 from dm2s2_fast.reference import DM2S2
 from dm2s2_fast.sequence_set import SequenceSet
 from dm2s2_fast.workloads import ads_batch, padded_tokens
+from providers import ENGINE_BACKENDS, PEERS, PROVIDERS  # noqa: F401 - re-exported for the suite
 
-# "<backend>+graphs": the same engine with cuda_graphs=True (one graph replay per shape bucket).
-ENGINE_BACKENDS = ("auto", "torch", "cpp", "triton", "cuda", "auto+graphs", "triton+graphs", "cuda+graphs")
-PEERS = ("hf", "nested", "onnxruntime", "flex")
-# Table order: floor first, then the oracle, the engine, the peers, the pooling row.
-PROVIDERS = ("floor", "reference") + ENGINE_BACKENDS + PEERS + ("pool",)
 
 DESCRIPTIONS = {
     "floor": "the encoder's linear layers on the packed tokens, vendor BLAS (F.linear)",
@@ -55,6 +51,8 @@ DESCRIPTIONS = {
     "auto+graphs": "FastDM2S2 backend='auto', cuda_graphs=True (batch padded to its bucket, one graph replay)",
     "triton+graphs": "FastDM2S2 backend='triton', cuda_graphs=True",
     "cuda+graphs": "FastDM2S2 backend='cuda', cuda_graphs=True",
+    "triton+fused": "FastDM2S2 backend='triton', DM2S2_TRITON_LINEAR=fused (GEMMs with fused epilogues)",
+    "triton+fused+graphs": "FastDM2S2 backend='triton', DM2S2_TRITON_LINEAR=fused, cuda_graphs=True",
     "hf": "transformers.BertModel, sdpa attention, padded to the longest sample",
     "nested": "nn.TransformerEncoder fast path (nested tensors from src_key_padding_mask)",
     "onnxruntime": "ONNX Runtime (CPU EP) on the exported padded encoder",
@@ -306,7 +304,9 @@ class EngineRunner(Runner):
 
     def __init__(self, provider: str, model: DM2S2, model32: DM2S2, work: Workload):
         device = work.content.device
-        name, _, graphs = provider.partition("+")
+        name, *flags = provider.split("+")
+        graphs = "graphs" in flags
+        self.env = {"DM2S2_TRITON_LINEAR": "fused"} if "fused" in flags else {}
         if graphs and device.type != "cuda":
             raise Skip("CUDA graphs need a CUDA device")
         if name == "auto":
@@ -318,19 +318,31 @@ class EngineRunner(Runner):
         if reason is not None:
             raise Skip(reason)
         try:
-            self.engine = FastDM2S2(model, backend=name, cuda_graphs=bool(graphs))
+            self.engine = FastDM2S2(model, backend=name, cuda_graphs=graphs)
             self.engine32 = FastDM2S2(model32, backend=name) if model32 is not model else self.engine
         except backends.BackendUnavailable as exc:
             raise Skip(str(exc)) from None
         self.batch = work.batch
         self.info = {}
 
+    def _run(self, engine):
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            return engine(self.batch)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
+
     def call(self):
-        return self.engine(self.batch)
+        return self._run(self.engine) if self.env else self.engine(self.batch)
 
     def hidden(self, timed=False):
         engine = self.engine if timed else self.engine32
-        out = engine(self.batch)
+        out = self._run(engine)
         self.info["ops"] = dict(engine.last_backends)
         return out.hidden
 

@@ -29,13 +29,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
-ORDER = ("floor", "reference", "auto", "torch", "cpp", "triton", "cuda", "hf", "nested", "onnxruntime", "flex", "pool")
-LABELS = {"floor": "floor (BLAS linears)", "reference": "reference (padded)", "auto": "engine: auto",
-          "torch": "engine: torch",
-          "cpp": "engine: cpp", "triton": "engine: triton", "cuda": "engine: cuda",
-          "hf": "HF BertModel (sdpa)", "nested": "nn.TransformerEncoder (nested)",
-          "onnxruntime": "ONNX Runtime", "flex": "flex_attention (packed)", "pool": "MRA pool + head"}
+from providers import LABELS, PROVIDERS as ORDER  # noqa: E402
+
 SCOPES = {"model": "full model", "encoder": "encoder", "floor": "linears", "pool": "pool+head"}
 
 

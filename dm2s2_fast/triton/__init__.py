@@ -101,6 +101,18 @@ if triton is not None:
         y = (1.0 - t) / (1.0 + t)
         return tl.where(x < 0, -y, y)
 
+    _SM_COUNT: dict = {}
+
+    def sm_count(device) -> int:
+        """The device's SM count (launchers size grids by it); 132, an H200's, in the interpreter so
+        that CPU tests take the GPU's choices."""
+        if device.type != "cuda":
+            return 132
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        return _SM_COUNT[idx]
+
     _tracing = threading.local()
 
     def wrap(kernel):

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from . import INTERPRET, cast_out, compiling, dtype_reason, mma, tanh_f32, triton_op, wrap
+from . import INTERPRET, cast_out, compiling, dtype_reason, mma, sm_count, tanh_f32, triton_op, wrap
 
 MAX_DIM = 1024  # d (the pooled width) held whole in registers; BERT-large's 1024 is the limit
 SEG_TILE = 16  # segments scored per tl.dot in the fused kernel (tl.dot needs M >= 16)
@@ -283,7 +283,6 @@ def _score_config(dtype: torch.dtype, dim: int, width: int):
 
 # ---------------------------------------------------------------------------------- mode selection
 MODES = ("tile", "tile-fused", "rows")
-_SM_COUNT: dict = {}
 _MODE_CACHE: dict = {}
 
 
@@ -303,15 +302,6 @@ def _mode():
                                  f"num_warps,num_stages', got {spec!r}")
         _MODE_CACHE[spec] = (mode, forced)
     return _MODE_CACHE[spec]
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # interpreter: an H200's count, so the tests take the GPU's choices
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def tile_config(dtype: torch.dtype, n: int, dim: int, width: int, sms: int = 132):
@@ -357,7 +347,7 @@ def _scores(x: torch.Tensor, W: torch.Tensor, c: torch.Tensor, v: torch.Tensor, 
             x, W, c, v, out, n, dim, width, x.stride(0), W.stride(0),
             BLOCK_N=bn, BLOCK_A=ba, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages)
         return out, 1
-    bn, ba, bk, warps, stages = tile_config(x.dtype, n, dim, width, _sm_count(x.device))
+    bn, ba, bk, warps, stages = tile_config(x.dtype, n, dim, width, sm_count(x.device))
     n_ab = triton.cdiv(width, ba)
     out = torch.empty((n_ab, n), dtype=torch.float32, device=x.device)
     wrap(_score_tile_kernel)[(triton.cdiv(n, bn) * n_ab,)](

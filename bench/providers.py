@@ -1,0 +1,15 @@
+"""The benchmark's provider names, table order and labels (no torch import: report.py renders
+results without it; peers.py builds the runners)."""
+
+# "<backend>+graphs": the engine with cuda_graphs=True (one graph replay per shape bucket);
+# "+fused": with DM2S2_TRITON_LINEAR=fused (the Triton GEMMs with fused epilogues) while it runs.
+ENGINE_BACKENDS = ("auto", "torch", "cpp", "triton", "cuda", "auto+graphs", "triton+graphs", "cuda+graphs",
+                   "triton+fused", "triton+fused+graphs")
+PEERS = ("hf", "nested", "onnxruntime", "flex")
+# Table order: floor first, then the oracle, the engine, the peers, the pooling row.
+PROVIDERS = ("floor", "reference") + ENGINE_BACKENDS + PEERS + ("pool",)
+
+LABELS = {"floor": "floor (BLAS linears)", "reference": "reference (padded)",
+          **{p: f"engine: {p}" for p in ENGINE_BACKENDS},
+          "hf": "HF BertModel (sdpa)", "nested": "nn.TransformerEncoder (nested)",
+          "onnxruntime": "ONNX Runtime", "flex": "flex_attention (packed)", "pool": "MRA pool + head"}
