@@ -3,7 +3,7 @@
 # build the extension with its CUDA kernels, run the GPU tests, time the ops and the whole model.
 # Everything lands under $OUT (few files come back): summary.txt, env.txt, build.log, tests.log,
 # gpu_ops.log, bench.log, and results.tgz (junit.xml, bench/, gpu_ops.json, gpu_linear.json,
-# serving.json and their logs).
+# serving.json, ncu.log and the other logs).
 # Usage there: bash bench/gpu_check.sh; STAGES="build tests" picks stages; each stage has its own
 # time limit (LIMIT_<stage> overrides) and a failure does not stop the rest; BENCH_ARGS replaces the
 # model benchmark's size/provider arguments.
@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/dm2s2_gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 PY=${PY:-python3}
-STAGES=${STAGES:-build tests gpu_ops gpu_linear serving bench}
+STAGES=${STAGES:-build tests gpu_ops gpu_linear serving bench ncu}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -59,7 +59,15 @@ if wanted bench; then
   stage bench 200 "$OUT/bench.log" "$PY" bench/report.py --device cuda ${BENCH_ARGS:---sizes 256,64,16,1 --deadline 140} --out-dir "$OUT/bench"
   tail -30 "$OUT/bench.log" >> "$SUMMARY"
 fi
-KEEP="junit.xml bench gpu_ops.json gpu_linear.json gpu_linear.log serving.json serving.log"
+if wanted ncu; then  # Nsight Compute on the kernels that missed their predictions (one launch each)
+  NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
+  stage ncu 150 "$OUT/ncu.log" "${NCU:-ncu}" --clock-control none --profile-from-start off \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    "$PY" bench/ncu_ops.py
+  grep -E "^  [A-Za-z_].*\(|Duration|Achieved Occupancy|Registers Per|Memory Throughput|Compute \(SM\) Thr" \
+    "$OUT/ncu.log" | head -80 >> "$SUMMARY"
+fi
+KEEP="junit.xml bench gpu_ops.json gpu_linear.json gpu_linear.log serving.json serving.log ncu.log"
 # shellcheck disable=SC2046,SC2086  # word lists on purpose
 tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls -d $KEEP 2>/dev/null) 2>/dev/null
 # shellcheck disable=SC2086
