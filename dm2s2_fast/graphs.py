@@ -211,7 +211,10 @@ class CUDAGraphRunner:
     """Runs ``engine`` by graph replay, one graph per bucket (LRU, at most ``max_graphs``).
 
     All graphs share one memory pool: they run one at a time on the current stream, so each one's
-    intermediates may reuse another's. ``stats`` counts captures, replays and evictions.
+    intermediates may reuse another's. A graph holds the parameters' addresses: in-place updates
+    (``load_state_dict``, ``copy_``) are seen by the next replay; when the parameters move (the
+    model's ``.to()``) every graph is dropped and recaptured; ``clear()`` drops them by hand.
+    ``stats`` counts captures, replays and evictions.
     """
 
     def __init__(self, engine, max_graphs: int = 32, steps_per_octave: int = 4):
@@ -225,8 +228,19 @@ class CUDAGraphRunner:
         self.stats = {"captures": 0, "replays": 0, "evictions": 0}
         self._graphs: OrderedDict[Bucket, _Graph] = OrderedDict()
         self._pool = None
+        self._captured_on = None  # where the parameters were when the graphs were captured
+
+    def clear(self) -> None:
+        """Drop every graph (and their memory pool); the next batches capture anew."""
+        self._graphs.clear()
+        self._pool = None
 
     def __call__(self, batch: SequenceSet) -> DM2S2Output:
+        weight = self.engine.model.embeddings.word.weight  # .to() moves every parameter: one tells
+        where = (weight.data_ptr(), weight.dtype, weight.device)
+        if where != self._captured_on:
+            self.clear()
+            self._captured_on = where
         bucket = bucket_for(batch.layout.host, self.steps_per_octave)
         entry = self._graphs.get(bucket)
         if entry is None:

@@ -200,6 +200,14 @@ def test_graph_replay_matches_eager(backend, dtype):
     third = random_batch(config, 40, 14, max_len=40).to("cuda")
     _assert_matches(graphed(third), eager(third), tol, "third bucket")
     assert graphed.graphs.stats["evictions"] == 1 and len(graphed.graphs._graphs) == 2
+    with torch.no_grad():  # in place: the captured graphs see the new values
+        model.layers[0].intermediate.weight.mul_(0.5)
+    _assert_matches(graphed(third), eager(third), tol, "after an in-place update")
+    captures = graphed.graphs.stats["captures"]
+    moved = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    model.to(moved)  # new storage for every parameter: the graphs must be recaptured
+    _assert_matches(graphed(third), eager(third), FP32_TOL if moved == torch.float32 else 2e-2, "after .to()")
+    assert graphed.graphs.stats["captures"] == captures + 1
 
 
 def test_graph_replay_on_the_ads_batch():
