@@ -186,8 +186,11 @@ def test_graph_replay_matches_eager(backend, dtype):
     graphed = convert(model, backend, cuda_graphs=True, max_graphs=2)
     tol = FP32_TOL if dtype == torch.float32 else 2e-2
     first = random_batch(config, 9, 11, max_len=30).to("cuda")
-    same_bucket = random_batch(config, 9, 12, max_len=30)
-    assert bucket_for(_plan(same_bucket)) == bucket_for(_plan(first)), "pick another seed"
+    # Same bucket, other layout and values: the samples' lengths shuffled, fresh values.
+    shuffled = first.layout.lengths[torch.randperm(9, generator=torch.Generator().manual_seed(0))]
+    same_bucket = random_batch(config, 9, 12, lengths=shuffled)
+    assert bucket_for(_plan(same_bucket)) == bucket_for(_plan(first))
+    assert not torch.equal(same_bucket.layout.lengths, first.layout.lengths)
     other = random_batch(config, 3, 13, max_len=10).to("cuda")
     kept = graphed(first)
     kept_copy = {f: getattr(kept, f).clone() for f in FIELDS}
