@@ -53,8 +53,11 @@ CUDA_VARIANTS = {
 # Selectable triton kernels, likewise ("triton" is the default: DM2S2_TRITON_MRA=tile).
 _MRA_ROWS = ("DM2S2_TRITON_MRA", "rows", "rows")                 # the first version: 1-D row blocks
 _MRA_TILE64 = ("DM2S2_TRITON_MRA", "tile:64,128,64,4,3", "tile64")  # 64-row score tiles everywhere
+# The pooling kernel's row loop software-pipelined (BLOCK_N,num_warps,num_stages; default 16,8,1).
+_POOL_VARIANTS = [("DM2S2_TRITON_MRA_POOL", spec, f"pool{spec.replace(',', '-')}")
+                  for spec in ("16,8,3", "32,8,2", "8,4,3", "32,4,3")]
 TRITON_VARIANTS = {
-    "intra_mra": [_MRA_ROWS, _MRA_TILE64],
+    "intra_mra": [_MRA_ROWS, _MRA_TILE64] + _POOL_VARIANTS,
     "inter_mra": [_MRA_ROWS],
     "mra_pool": [_MRA_ROWS, ("DM2S2_TRITON_MRA", "tile-fused", "tile-fused"), _MRA_TILE64],
 }

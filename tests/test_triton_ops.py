@@ -283,6 +283,33 @@ def test_mra_modes(device, dtype, mode, case, monkeypatch):
         check(f"intra_mra.alpha/{case}/{mode}", alpha, a64, own[2], dtype)
 
 
+@device_param
+@pytest.mark.parametrize("spec,dtype", [("16,8,3", torch.bfloat16), ("2,1,2", torch.float32)], ids=str)
+def test_mra_pool_pipelined_variants(device, spec, dtype, monkeypatch):
+    """DM2S2_TRITON_MRA_POOL's pooling-loop variants (2 rows a step: many steps per segment) agree."""
+    monkeypatch.setenv("DM2S2_TRITON_MRA_POOL", spec)
+    h, cu_seg, _, W, c, v = _mra_inputs("many-segments", device, dtype, seed=6)[:6]
+    z, alpha = ops.intra_mra(h, cu_seg, W, c, v, backend="triton")
+    z64, a64 = ops.intra_mra(*map(to64, (h, cu_seg, W, c, v)), backend="torch")
+    own = (z64, a64) if dtype == torch.float32 else \
+        ops.intra_mra(*(t.cpu() for t in (h, cu_seg, W, c, v)), backend="torch")
+    check(f"intra_mra.z/pool {spec}", z, z64, own[0], dtype)
+    check(f"intra_mra.alpha/pool {spec}", alpha, a64, own[1], dtype)
+
+
+def test_mra_pool_variant_parse(monkeypatch):
+    from dm2s2_fast.triton import mra_pool as MP
+
+    monkeypatch.setenv("DM2S2_TRITON_MRA_POOL", "32,4,3")
+    assert MP._pool_launch_config(384) == (512, 32, 4, 3)
+    monkeypatch.delenv("DM2S2_TRITON_MRA_POOL")
+    assert MP._pool_launch_config(384) == (512, 16, 8, 1)
+    for bad in ("3,4,2", "16,3,2", "16,4", "x"):
+        monkeypatch.setenv("DM2S2_TRITON_MRA_POOL", bad)
+        with pytest.raises(ValueError, match="DM2S2_TRITON_MRA_POOL"):
+            MP._pool_launch_config(384)
+
+
 def test_mra_tile_config():
     from dm2s2_fast.triton.mra_pool import tile_config
 
@@ -579,8 +606,9 @@ for dt in (torch.bfloat16, torch.float32):
           stride_rn=d, part_stride=d), dict(BLOCK_N=bn, BLOCK_D=bd, BLOCK_A=ba, BLOCK_K=bk, BLOCK_S=16, N_PART=3,
           INTERP=False), w, 1)
     bd, bn, w = MP._pool_config(d)
-    build(MP._group_pool_kernel, dict(X=dt, SC=f32, CU=torch.int32, OUT=dt, WT=f32, dim=d, stride_xn=d,
-          stride_on=d, part_stride=d), dict(BLOCK_N=bn, BLOCK_D=bd, N_PART=3, INTERP=False), w, 1)
+    for bn, w, st in ((bn, w, 1), (16, 8, 3), (32, 8, 2)):  # the default and pipelined variants
+        build(MP._group_pool_kernel, dict(X=dt, SC=f32, CU=torch.int32, OUT=dt, WT=f32, dim=d, stride_xn=d,
+              stride_on=d, part_stride=d), dict(BLOCK_N=bn, BLOCK_D=bd, N_PART=3, INTERP=False), w, st)
     bd, br, w = AL.row_config(d)
     build(AL._add_layernorm_kernel, dict(X=dt, RES=dt, Wt=dt, Bs=dt, OUT=dt, n_rows=1, dim=d, eps=1e-12,
           stride_x=d, stride_r=d, stride_o=d), dict(BLOCK_R=br, BLOCK_D=bd, INTERP=False), w, 2)

@@ -364,6 +364,33 @@ def _pool_config(dim: int):
     return block_d, block_n, warps
 
 
+_POOL_CACHE: dict = {}
+
+
+def _pool_launch_config(dim: int):
+    """(BLOCK_D, BLOCK_N, num_warps, num_stages) of ``_group_pool_kernel``.
+
+    ``DM2S2_TRITON_MRA_POOL="BLOCK_N,num_warps,num_stages"`` overrides the default (one stage: the
+    row loop is not software-pipelined), for timing variants on a GPU: the H200 ran intra_mra at
+    154 µs where ~30 were predicted, and the pooling loop's serial loads are one suspect.
+    """
+    block_d, block_n, warps = _pool_config(dim)
+    spec = os.environ.get("DM2S2_TRITON_MRA_POOL", "").strip()
+    if not spec:
+        return block_d, block_n, warps, 1
+    if spec not in _POOL_CACHE:
+        try:
+            bn, w, st = (int(t) for t in spec.split(","))
+        except ValueError:
+            bn = w = st = 0
+        if bn < 1 or bn & (bn - 1) or w not in (1, 2, 4, 8, 16) or st < 1:
+            raise ValueError("DM2S2_TRITON_MRA_POOL is 'BLOCK_N,num_warps,num_stages' (BLOCK_N a power of "
+                             f"two, num_warps 1..16 a power of two, num_stages >= 1), got {spec!r}")
+        _POOL_CACHE[spec] = (bn, w, st)
+    bn, w, st = _POOL_CACHE[spec]
+    return block_d, bn, w, st
+
+
 def _fused_config(dtype: torch.dtype, dim: int, width: int):
     """(BLOCK_D, BLOCK_N, BLOCK_A, BLOCK_K, num_warps) of the fused kernel (spill-free on sm_90)."""
     block_d, block_n, _ = _pool_config(dim)
@@ -379,11 +406,11 @@ def _group_pool(x: torch.Tensor, cu: torch.Tensor, scores: torch.Tensor, n_part:
     pooled = torch.empty((groups, dim), dtype=x.dtype, device=x.device)
     weights = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     if groups > 0:
-        block_d, block_n, warps = _pool_config(dim)
+        block_d, block_n, warps, stages = _pool_launch_config(dim)
         wrap(_group_pool_kernel)[(groups,)](
             x, scores, cu, pooled, weights, dim, x.stride(0), pooled.stride(0), x.shape[0],
             BLOCK_N=block_n, BLOCK_D=block_d, N_PART=n_part, INTERP=INTERPRET, num_warps=warps,
-            num_stages=1)
+            num_stages=stages)
     return pooled, weights
 
 
