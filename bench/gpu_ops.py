@@ -56,7 +56,13 @@ _MRA_TILE64 = ("DM2S2_TRITON_MRA", "tile:64,128,64,4,3", "tile64")  # 64-row sco
 # The pooling kernel's row loop software-pipelined (BLOCK_N,num_warps,num_stages; default 16,8,1).
 _POOL_VARIANTS = [("DM2S2_TRITON_MRA_POOL", spec, f"pool{spec.replace(',', '-')}")
                   for spec in ("16,8,3", "32,8,2", "8,4,3", "32,4,3")]
+# set_attention tilings (DM2S2_TRITON_ATTN = mode,BLOCK_M,BLOCK_N,num_warps,num_stages); the ads
+# default is group,64,64,4,2.
+_ATTN_VARIANTS = [("DM2S2_TRITON_ATTN", spec, spec.replace(",", "-"))
+                  for spec in ("group,64,64,4,3", "group,64,32,4,2", "group,32,64,4,2", "group,128,64,8,2",
+                               "group,64,64,8,2", "packed,64,64,4,2")]
 TRITON_VARIANTS = {
+    "set_attention": _ATTN_VARIANTS,
     "intra_mra": [_MRA_ROWS, _MRA_TILE64] + _POOL_VARIANTS,
     "inter_mra": [_MRA_ROWS],
     "mra_pool": [_MRA_ROWS, ("DM2S2_TRITON_MRA", "tile-fused", "tile-fused"), _MRA_TILE64],
