@@ -26,6 +26,7 @@ every output and are sliced out (and copied, since the next replay overwrites th
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -214,7 +215,8 @@ class CUDAGraphRunner:
     intermediates may reuse another's. A graph holds the parameters' addresses: in-place updates
     (``load_state_dict``, ``copy_``) are seen by the next replay; when the parameters move (the
     model's ``.to()``) every graph is dropped and recaptured; ``clear()`` drops them by hand.
-    ``stats`` counts captures, replays and evictions.
+    Calls may come from several threads and streams: they run one at a time, each on its caller's
+    stream after the previous call's work. ``stats`` counts captures, replays and evictions.
     """
 
     def __init__(self, engine, max_graphs: int = 32, steps_per_octave: int = 4):
@@ -229,6 +231,8 @@ class CUDAGraphRunner:
         self._graphs: OrderedDict[Bucket, _Graph] = OrderedDict()
         self._pool = None
         self._captured_on = None  # where the parameters were when the graphs were captured
+        self._lock = threading.Lock()
+        self._done = torch.cuda.Event()  # the last call's work, output copies included, is queued
 
     def clear(self) -> None:
         """Drop every graph (and their memory pool); the next batches capture anew."""
@@ -236,21 +240,28 @@ class CUDAGraphRunner:
         self._pool = None
 
     def __call__(self, batch: SequenceSet) -> DM2S2Output:
-        weight = self.engine.model.embeddings.word.weight  # .to() moves every parameter: one tells
-        where = (weight.data_ptr(), weight.dtype, weight.device)
-        if where != self._captured_on:
-            self.clear()
-            self._captured_on = where
-        bucket = bucket_for(batch.layout.host, self.steps_per_octave)
-        entry = self._graphs.get(bucket)
-        if entry is None:
-            entry = self._capture(bucket, batch)
-        else:
-            self._graphs.move_to_end(bucket)
-            entry.padded.fill(batch)
-        entry.graph.replay()
-        self.stats["replays"] += 1
-        return entry.padded.outputs(entry.outputs, batch, copy=True)
+        # One call at a time (the buffers are shared), and on the device after the previous call's
+        # output copies, whichever thread and stream that call came from.
+        with self._lock:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(self._done)
+            weight = self.engine.model.embeddings.word.weight  # .to() moves every parameter: one tells
+            where = (weight.data_ptr(), weight.dtype, weight.device)
+            if where != self._captured_on:
+                self.clear()
+                self._captured_on = where
+            bucket = bucket_for(batch.layout.host, self.steps_per_octave)
+            entry = self._graphs.get(bucket)
+            if entry is None:
+                entry = self._capture(bucket, batch)
+            else:
+                self._graphs.move_to_end(bucket)
+                entry.padded.fill(batch)
+            entry.graph.replay()
+            self.stats["replays"] += 1
+            out = entry.padded.outputs(entry.outputs, batch, copy=True)
+            self._done.record(stream)
+            return out
 
     def _capture(self, bucket: Bucket, batch: SequenceSet) -> _Graph:
         while len(self._graphs) >= self.max_graphs:

@@ -227,3 +227,43 @@ def test_graph_replay_on_the_ads_batch():
     for B in (1, 64, 256):
         batch = ads_batch(B, config, seed=B).to("cuda")
         _assert_matches(graphed(batch), eager(batch), 2e-2, f"ads B={B}")
+
+
+def test_graph_replay_across_streams_and_threads():
+    """Calls from other streams and threads run one at a time, after the previous call's work."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import threading
+
+    config = small_config()
+    model = copy.deepcopy(random_model(config, 15)).to(device="cuda", dtype=torch.bfloat16)
+    eager, graphed = convert(model), convert(model, cuda_graphs=True)
+    batches = [random_batch(config, 9, seed, max_len=30).to("cuda") for seed in range(16, 22)]
+    expected = [eager(b) for b in batches]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for i, batch in enumerate(batches):  # one thread, alternating streams, no syncs in between
+        with torch.cuda.stream(streams[i % 2]):
+            out = graphed(batch)
+        torch.cuda.current_stream().wait_stream(streams[i % 2])
+        _assert_matches(out, expected[i], 2e-2, f"stream {i % 2}, batch {i}")
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                for rep in range(3):
+                    for i in range(k, len(batches), 2):
+                        results[(k, rep, i)] = graphed(batches[i])
+                torch.cuda.current_stream().synchronize()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 3 * len(batches)
+    for (k, rep, i), out in results.items():
+        _assert_matches(out, expected[i], 2e-2, f"thread {k}, round {rep}, batch {i}")
