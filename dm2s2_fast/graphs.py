@@ -279,7 +279,8 @@ class CUDAGraphRunner:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: other threads of a server may keep using the GPU while this one captures.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             outputs = engine._run(padded.values, padded, zero_rows=True)
         entry = self._graphs[bucket] = _Graph(padded, graph, outputs)
         self.stats["captures"] += 1
