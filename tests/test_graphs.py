@@ -267,3 +267,25 @@ def test_graph_replay_across_streams_and_threads():
     assert len(results) == 3 * len(batches)
     for (k, rep, i), out in results.items():
         _assert_matches(out, expected[i], 2e-2, f"thread {k}, round {rep}, batch {i}")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_forward_never_waits_for_the_gpu(backend):
+    """With the layout built, an eager forward queues its work without one host-device sync (what
+    lets the host run ahead, and what graph capture needs)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = backends.why_not(backend, "set_attention", "cuda")
+    if reason:
+        pytest.skip(f"{backend} unavailable on cuda: {reason}")
+    config = small_config()
+    model = copy.deepcopy(random_model(config, 17)).to(device="cuda", dtype=torch.bfloat16)
+    engine = convert(model, backend)
+    batch = random_batch(config, 7, 17, max_len=30).to("cuda")
+    engine(batch)  # compiles, builds the layout
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
