@@ -128,9 +128,8 @@ class PackedLayout:
     host: HostPlan = field(repr=False, compare=False)
 
     @classmethod
-    def build(cls, lengths: torch.Tensor, device: torch.device) -> "PackedLayout":
-        lengths = lengths.to("cpu", torch.int64)
-        plan = HostPlan.build(lengths.numpy())
+    def from_plan(cls, plan: HostPlan, device: torch.device) -> "PackedLayout":
+        lengths = torch.from_numpy(plan.lengths)
         B, M = lengths.shape
         i32, i64 = torch.int32, torch.int64
         arrays = [(plan.cu_seqlens_set, i32), (plan.cu_seqlens_segment, i32), (plan.cu_segments, i32),
@@ -250,8 +249,10 @@ class SequenceSet:
                             {k: v.to(device, non_blocking=non_blocking) for k, v in self.values.items()},
                             {k: v.to(device, non_blocking=non_blocking) for k, v in self.lengths.items()},
                             _trusted=True)
-        if "layout" in self.__dict__:  # the plan is host-derived: rebuild it on the new device
-            moved.__dict__["layout"] = PackedLayout.build(self.layout.lengths, torch.device(device))
+        if "layout" in self.__dict__ or self.device.type == "cpu":
+            # The plan comes from host lengths: derive it here, before they are on the device
+            # (read back from there, they would cost a device sync per batch).
+            moved.__dict__["layout"] = PackedLayout.from_plan(self._host_plan(), torch.device(device))
         return moved
 
     def pin_memory(self) -> "SequenceSet":
@@ -268,9 +269,14 @@ class SequenceSet:
     @cached_property
     def layout(self) -> PackedLayout:
         """Packing plan, derived once per batch (one host read of the lengths)."""
+        return PackedLayout.from_plan(self._host_plan(), self.device)
+
+    def _host_plan(self) -> HostPlan:
+        if "layout" in self.__dict__:
+            return self.layout.host
         lengths = torch.stack([self.lengths[m.name] for m in self.config.modalities], 1) \
             if self.batch_size else torch.zeros(0, self.config.num_modalities, dtype=torch.int64)
-        return PackedLayout.build(lengths, self.device)
+        return HostPlan.build(lengths.to("cpu", torch.int64).numpy())
 
     @property
     def num_elements(self) -> int:

@@ -79,6 +79,24 @@ def test_to_and_pin_memory_keep_the_batch():
         same_batch(batch.pin_memory(), batch)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_to_builds_the_layout_from_host_lengths(device):
+    """A host batch moved to a device gets its layout at .to(), from the host lengths (no read-back)."""
+    config = small_config()
+    fresh = random_batch(config, 6, 5)
+    moved = fresh.to(device)
+    assert "layout" in moved.__dict__
+    expected = random_batch(config, 6, 5).layout  # built lazily, on the host
+    layout = moved.layout
+    for name in ("cu_seqlens_set", "cu_seqlens_segment", "cu_segments", "segment_sample", "segment_modality",
+                 "element_sample", "element_modality", "element_position", "empty_samples"):
+        got, want = getattr(layout, name), getattr(expected, name)
+        assert got.device.type == device and got.dtype == want.dtype and torch.equal(got.cpu(), want), name
+    for got, want in zip(layout.rows + layout.positions, expected.rows + expected.positions):
+        assert torch.equal(got.cpu(), want)
+    assert (layout.max_seqlen_set, layout.num_elements) == (expected.max_seqlen_set, expected.num_elements)
+
+
 def test_truncate_cuts_to_max_positions():
     config = small_config(max_positions=4)
     ids, lengths = torch.arange(9), torch.tensor([6, 3])
