@@ -47,7 +47,7 @@ fi
 if wanted tests; then
   stage tests 200 "$OUT/tests.log" env DM2S2_FAST_REQUIRE_CUDA=1 "$PY" -m pytest -q -rs -p no:cacheprovider \
     --junitxml="$OUT/junit.xml" tests/test_triton_ops.py tests/test_cuda_ops.py tests/test_model_backends.py \
-    tests/test_linear_ops.py tests/test_triton_linear.py tests/test_graphs.py
+    tests/test_linear_ops.py tests/test_triton_linear.py tests/test_graphs.py tests/test_sequence_set.py
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 >> "$SUMMARY"
   tail -3 "$OUT/tests.log" >> "$SUMMARY"
 fi
