@@ -174,13 +174,14 @@ def _gpu_cases():
 
 
 @pytest.mark.parametrize("backend,dtype", list(_gpu_cases()))
-def test_graph_replay_matches_eager(backend, dtype):
+@pytest.mark.parametrize("attention", ["set", "modality"])
+def test_graph_replay_matches_eager(backend, dtype, attention):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     reason = backends.why_not(backend, "set_attention", "cuda")
     if reason:
         pytest.skip(f"{backend} unavailable on cuda: {reason}")
-    config = small_config()
+    config = small_config(attention)
     model = copy.deepcopy(random_model(config, 11)).to(device="cuda", dtype=dtype)
     eager = convert(model, backend)
     graphed = convert(model, backend, cuda_graphs=True, max_graphs=2)
