@@ -14,6 +14,12 @@ TORCH_LIBRARY(dm2s2_fast, m) {
   m.def("set_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale) -> Tensor");
   m.def("add_layernorm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> Tensor");
   m.def("bias_gelu(Tensor x, Tensor bias) -> Tensor");
+  // Linear layers x [N, k] @ weight [out, k]^T (+ bias): the GEMM stays with torch's BLAS; the
+  // output buffer and the epilogue done in it are ours. -> [N, out]
+  m.def("linear(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  m.def("linear_bias_gelu(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  m.def("linear_add_layernorm(Tensor x, Tensor weight, Tensor bias, Tensor residual, Tensor ln_weight, "
+        "Tensor ln_bias, float eps) -> Tensor");
   // Writes LayerNorm(content + position + type) of element i into out[out_rows[i]]; returns nothing.
   m.def("embed_layernorm(Tensor positions, Tensor type_ids, Tensor position_table, Tensor type_table, "
         "Tensor weight, Tensor bias, float eps, Tensor? ids, Tensor? table, Tensor? dense, "

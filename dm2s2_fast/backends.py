@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-OPS = ("set_attention", "embed_layernorm", "add_layernorm", "bias_gelu", "linear_bias_gelu",
+OPS = ("set_attention", "embed_layernorm", "add_layernorm", "bias_gelu", "linear", "linear_bias_gelu",
        "linear_add_layernorm", "intra_mra", "inter_mra", "mra_pool")
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 
 from . import _extension, backends
-from .ops.linear_add_layernorm import composed as composed_linear_add_layernorm
-from .ops.linear_bias_gelu import composed as composed_linear_bias_gelu
 
 _reason = _extension.load()
 backends.register_backend("cpp", ("cpu",), _reason)
@@ -56,15 +54,18 @@ if _reason is None:
     backends.register_kernel(
         "bias_gelu", "cpp", supports=lambda x, bias: _why_not(x, bias),
     )(_ops.bias_gelu.default)
-    # The GEMM stays with MKL; these run it, then the cpp epilogue kernel.
+    # The GEMM stays with MKL, into a buffer of ours on huge pages; the epilogue runs in place there.
+    backends.register_kernel(
+        "linear", "cpp", supports=lambda x, weight, bias: _why_not(x, weight, bias),
+    )(_ops.linear.default)
     backends.register_kernel(
         "linear_bias_gelu", "cpp", supports=lambda x, weight, bias: _why_not(x, weight, bias),
-    )(composed_linear_bias_gelu(_ops.bias_gelu.default))
+    )(_ops.linear_bias_gelu.default)
     backends.register_kernel(
         "linear_add_layernorm", "cpp",
         supports=lambda x, weight, bias, residual, ln_weight, ln_bias, eps:
             _why_not(x, weight, bias, residual, ln_weight, ln_bias),
-    )(composed_linear_add_layernorm(_ops.add_layernorm.default))
+    )(_ops.linear_add_layernorm.default)
     backends.register_kernel(
         "intra_mra", "cpp", supports=lambda h, cu, W, c, v: _why_not(h, W, c, v),
     )(_ops.intra_mra.default)
@@ -103,6 +104,12 @@ if _reason is None:
     @torch.library.register_fake("dm2s2_fast::bias_gelu")
     def _bias_gelu_fake(x, bias):
         return x.new_empty(x.shape)
+
+    def _linear_fake(x, weight, *rest):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    for _name in ("linear", "linear_bias_gelu", "linear_add_layernorm"):
+        torch.library.register_fake(f"dm2s2_fast::{_name}")(_linear_fake)
 
     @torch.library.register_fake("dm2s2_fast::embed_layernorm")
     def _embed_layernorm_fake(positions, type_ids, position_table, type_table, weight, bias, eps, ids,

@@ -13,6 +13,7 @@ Which of ``cuda`` and ``triton`` ``backend="auto"`` picks per op on CUDA is reco
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _extension, backends
 from .ops.linear_add_layernorm import composed as composed_linear_add_layernorm
@@ -93,6 +94,7 @@ def bias_gelu_cuda(x, bias):
 
 
 # The GEMM stays with cuBLAS; these run it, then the cuda epilogue kernel.
+backends.register_kernel("linear", "cuda", supports=lambda x, weight, bias: _why_not(x, weight, bias))(F.linear)
 backends.register_kernel(
     "linear_bias_gelu", "cuda", supports=lambda x, weight, bias: _why_not(x, weight, bias),
 )(composed_linear_bias_gelu(bias_gelu_cuda))

@@ -111,7 +111,7 @@ class FastDM2S2(nn.Module):
         H, D = cfg.num_heads, cfg.head_dim
         scale = D ** -0.5
         for layer in model.layers:
-            qkv = F.linear(h, layer.qkv.weight, layer.qkv.bias).view(N, 3, H, D)
+            qkv = self._op("linear", h, layer.qkv.weight, layer.qkv.bias).view(N, 3, H, D)
             context = self._op("set_attention", qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, scale)
             out, norm = layer.attention_output, layer.attention_norm
             h = self._op("linear_add_layernorm", context.reshape(N, d), out.weight, out.bias, h,

@@ -306,6 +306,7 @@ def _opcheck_cases():
     x, res = torch.randn(N, d, generator=g), torch.randn(N, d, generator=g)
     w, b = torch.randn(d, generator=g), torch.randn(d, generator=g)
     W, c, vv = _scorer(10, d, g)
+    W_out = torch.randn(d, d, generator=g)
     cu_b = offsets([2, 0, 2])
     pos, typ = torch.randn(20, d, generator=g), torch.randn(3, d, generator=g)
     positions = torch.randint(0, 20, (N,), generator=g)
@@ -316,6 +317,9 @@ def _opcheck_cases():
         "set_attention": (OPS.set_attention.default, (q, k, v, cu, 9, 0.3)),
         "add_layernorm": (OPS.add_layernorm.default, (x, res, w, b, 1e-12)),
         "bias_gelu": (OPS.bias_gelu.default, (x, b)),
+        "linear": (OPS.linear.default, (x, W, c)),
+        "linear_bias_gelu": (OPS.linear_bias_gelu.default, (x, W, c)),
+        "linear_add_layernorm": (OPS.linear_add_layernorm.default, (x, W_out, b, res, w, b, 1e-12)),
         "embed_layernorm_ids": (OPS.embed_layernorm.default,
                                 (positions, type_ids, pos, typ, w, b, 1e-12, ids, table, None, out, out_rows)),
         "embed_layernorm_dense": (OPS.embed_layernorm.default,

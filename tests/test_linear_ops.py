@@ -57,6 +57,36 @@ def test_linear_bias_gelu(backend, device, dtype, N, K, Fo):
 
 
 @CASES
+@pytest.mark.parametrize("N,K,Fo", SHAPES)
+def test_linear(backend, device, dtype, N, K, Fo):
+    g = torch.Generator().manual_seed(N + K + 2)
+    x, w, b = _rand(N, K, g=g), _rand(Fo, K, g=g, scale=K ** -0.5), _rand(Fo, g=g)
+    ref = x @ w.T + b
+    args = [t.to(device, dtype) for t in (x, w, b)]
+    out = ops.linear(*args, backend=backend)
+    assert out.dtype == dtype and out.shape == (N, Fo)
+    if N == 0:
+        return
+    own = ops.linear(*args, backend="torch")
+    assert rel_err(out.cpu(), ref) <= _bound(rel_err(own.cpu(), ref), dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_linear_ops_on_huge_page_buffers(backend):
+    """Outputs past the cpp backend's huge-page threshold (8 MB) and epilogues run in place there."""
+    if backends.why_not(backend, "linear", "cpu"):
+        pytest.skip(backends.why_not(backend, "linear", "cpu"))
+    g = torch.Generator().manual_seed(9)
+    x, w, b = torch.randn(1500, 96, generator=g), torch.randn(1536, 96, generator=g) / 10, torch.randn(1536, generator=g)
+    y = x.double() @ w.double().T
+    assert rel_err(ops.linear(x, w, b, backend=backend), y + b.double()) <= FP32_TOL
+    assert rel_err(ops.linear_bias_gelu(x, w, b, backend=backend), F.gelu(y + b.double())) <= FP32_TOL
+    res, lw, lb = torch.randn(1500, 1536, generator=g), torch.rand(1536, generator=g) + 0.5, torch.randn(1536, generator=g)
+    ref = F.layer_norm(y + b.double() + res.double(), (1536,), lw.double(), lb.double(), 1e-12)
+    assert rel_err(ops.linear_add_layernorm(x, w, b, res, lw, lb, 1e-12, backend=backend), ref) <= FP32_TOL
+
+
+@CASES
 @pytest.mark.parametrize("N,K,d", SHAPES)
 def test_linear_add_layernorm(backend, device, dtype, N, K, d):
     g = torch.Generator().manual_seed(N + K + 1)
@@ -73,6 +103,8 @@ def test_linear_add_layernorm(backend, device, dtype, N, K, d):
 
 
 @pytest.mark.parametrize("call,message", [
+    (lambda: ops.linear(torch.randn(3, 4), torch.randn(5, 6), torch.randn(5)), r"weight must have shape \(5, 4\)"),
+    (lambda: ops.linear(torch.randn(3, 4), torch.randn(5, 4), torch.randn(6)), r"bias must have shape \(5,\)"),
     (lambda: ops.linear_bias_gelu(torch.randn(3, 4), torch.randn(5, 6), torch.randn(5)),
      r"weight must have shape \(5, 4\)"),
     (lambda: ops.linear_bias_gelu(torch.randn(3, 4), torch.randn(5, 4), torch.randn(4)),

@@ -165,8 +165,8 @@ if triton is not None:
 
     try:
         from . import (  # noqa: F401
-            add_layernorm, bias_gelu, embed_layernorm, linear_add_layernorm, linear_bias_gelu, mra_pool,
-            set_attention)
+            add_layernorm, bias_gelu, embed_layernorm, linear, linear_add_layernorm, linear_bias_gelu,
+            mra_pool, set_attention)
     except Exception as exc:  # noqa: BLE001 - a kernel that fails to define disables the backend
         backends.register_backend(
             "triton", DEVICES, f"dm2s2_fast.triton kernels failed to load: {type(exc).__name__}: {exc}")
