@@ -26,6 +26,15 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """x [N, k], weight [f, k] and bias [f] of one float dtype and device (a linear layer's operands)."""
+    check_float("x", x, 2)
+    check_float("weight", weight, 2, like=x)
+    check_float("bias", bias, 1, like=x)
+    check_shape("weight", weight, (weight.shape[0], x.shape[1]))
+    check_shape("bias", bias, (weight.shape[0],))
+
+
 def check_index(name: str, t: torch.Tensor, n: int, like: torch.Tensor, low: int, high: int) -> None:
     """``t`` is a 1-D integer tensor of ``n`` entries on ``like``'s device, every entry in [low, high)."""
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in INDEX_DTYPES:

@@ -7,16 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._checks import check_float, check_shape
+from ._checks import check_linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``x @ weight.T + bias``; x [N, k], weight [f, k], bias [f] -> [N, f]."""
-    check_float("x", x, 2)
-    check_float("weight", weight, 2, like=x)
-    check_float("bias", bias, 1, like=x)
-    check_shape("weight", weight, (weight.shape[0], x.shape[1]))
-    check_shape("bias", bias, (weight.shape[0],))
+    check_linear(x, weight, bias)
     return backends.call("linear", backend, x.device, x, weight, bias)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._checks import check_float, check_shape
+from ._checks import check_float, check_linear, check_shape
 from .add_layernorm import add_layernorm_torch
 
 
@@ -16,13 +16,11 @@ def linear_add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          backend: str = "auto") -> torch.Tensor:
     """LayerNorm(x @ weight.T + bias + residual) over the last dim; x [N, k], weight [d, k],
     bias / ln_weight / ln_bias [d], residual [N, d] -> [N, d]; statistics in fp32."""
-    check_float("x", x, 2)
-    check_float("weight", weight, 2, like=x)
-    check_shape("weight", weight, (weight.shape[0], x.shape[1]))
+    check_linear(x, weight, bias)
     d = weight.shape[0]
     check_float("residual", residual, 2, like=x)
     check_shape("residual", residual, (x.shape[0], d))
-    for name, p in (("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+    for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         check_float(name, p, 1, like=x)
         check_shape(name, p, (d,))
     return backends.call("linear_add_layernorm", backend, x.device, x, weight, bias, residual, ln_weight,
