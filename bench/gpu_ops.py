@@ -411,8 +411,7 @@ def main() -> int:
                     entry["ok"] = bool(entry["rel_err"] <= tol)  # NaN -> False
                     call_args = case["args"]
                     entry["eager_us"] = bench_ms(lambda: fn(*call_args)) * 1e3
-                    syncs = bname == "torch" and op == "set_attention"  # cu_seqlens.tolist()
-                    gm = None if syncs else graph_ms(lambda: fn(*call_args))
+                    gm = graph_ms(lambda: fn(*call_args))
                     entry["graph_us"] = None if gm is None else gm * 1e3
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     entry["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]

@@ -34,6 +34,22 @@ def test_set_attention_torch_matches_block_diagonal():
     assert rel_err(out, ref) <= FP32_TOL
 
 
+@pytest.mark.parametrize("max_seqlen", [30, 45])
+def test_set_attention_torch_padded_form(max_seqlen):
+    """The torch backend's form for CUDA (padded, no host sync) on the same cases, here on CPU:
+    empty and length-1 groups, a max_seqlen above the longest group, qkv views, leading/trailing empties."""
+    from dm2s2_fast.ops.set_attention import set_attention_padded
+
+    lengths = [0, 1, 0, 7, 30, 2, 1, 0]
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(sum(lengths), 3, 4, 8, generator=g) * 2
+    q, k, v = qkv.unbind(1)
+    out = set_attention_padded(q, k, v, offsets(lengths), max_seqlen, 1 / math.sqrt(8))
+    ref = naive_attention(q.double(), k.double(), v.double(), lengths, 1 / math.sqrt(8))
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert rel_err(out, ref) <= FP32_TOL
+
+
 def test_set_attention_accepts_qkv_views():
     g = torch.Generator().manual_seed(1)
     qkv = torch.randn(12, 3, 2, 4, generator=g)

@@ -32,6 +32,38 @@ def set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 
 @backends.register_kernel("set_attention", "torch")
 def set_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale):
+    # On CUDA one padded sdpa call: the per-group loop reads the offsets back to the host, which
+    # stalls the stream and cannot be captured in a CUDA graph. On CPU the loop is the faster one
+    # (ads B=64: 30 ms against 52 padded).
+    if q.is_cuda:
+        return set_attention_padded(q, k, v, cu_seqlens, max_seqlen, scale)
+    return set_attention_per_group(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def set_attention_padded(q, k, v, cu_seqlens, max_seqlen, scale):
+    """Groups padded to ``max_seqlen`` with a key mask, one sdpa call; no host sync."""
+    n, heads, dim = q.shape
+    groups = cu_seqlens.numel() - 1
+    cu = cu_seqlens.long()
+    rows = torch.arange(n, device=q.device)
+    group = torch.searchsorted(cu[1:], rows, right=True)
+    position = rows - cu[group]
+    width = max(int(max_seqlen), 1)
+
+    def pad(t):
+        padded = t.new_zeros(groups, width, heads, dim)
+        padded[group, position] = t
+        return padded.transpose(1, 2)
+
+    # Padding query rows of a group see its keys; an empty group's rows are all masked (NaN), but
+    # no real row is gathered from them.
+    keep = torch.arange(width, device=q.device)[None, :] < (cu[1:] - cu[:-1])[:, None]
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keep[:, None, None, :], scale=scale)
+    return out.transpose(1, 2)[group, position]
+
+
+def set_attention_per_group(q, k, v, cu_seqlens, max_seqlen, scale):
+    """One sdpa call per group (reads the offsets on the host)."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
