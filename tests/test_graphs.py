@@ -270,7 +270,7 @@ def test_graph_replay_across_streams_and_threads():
         _assert_matches(out, expected[i], 2e-2, f"thread {k}, round {rep}, batch {i}")
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
 def test_forward_never_waits_for_the_gpu(backend):
     """With the layout built, an eager forward queues its work without one host-device sync (what
     lets the host run ahead, and what graph capture needs)."""
