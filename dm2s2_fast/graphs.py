@@ -175,15 +175,29 @@ class PaddedBatch:
             values = batch.values[name]
             static[:values.shape[0]].copy_(values)
 
-    def outputs(self, static: tuple[torch.Tensor, ...], batch: SequenceSet, copy: bool) -> DM2S2Output:
-        """The real part of the padded outputs (copied out of graph-owned buffers when ``copy``)."""
+class PackedOutputs:
+    """The forward's (logits, r, h, α, β, z) in two flat buffers, the model-dtype tensors and the
+    fp32 weights: a call copies its outputs out of a graph in two copies, not six (each copy costs
+    a launch of host time, which is what graphs are for saving)."""
+
+    def __init__(self, outputs: tuple[torch.Tensor, ...]):
+        logits, r, h, alpha, beta, z = outputs
+        self.shapes = tuple(t.shape for t in (logits, r, h, z))
+        self.num_alpha = alpha.numel()
+        self.values = torch.cat([t.reshape(-1) for t in (logits, r, h, z)])
+        self.weights = torch.cat([alpha, beta])
+
+    def result(self, batch: SequenceSet, copy: bool) -> DM2S2Output:
+        """The real part, as the unpadded forward returns it (copied when ``copy``: a graph
+        overwrites these buffers at its next replay)."""
+        values, weights = (self.values.clone(), self.weights.clone()) if copy else (self.values, self.weights)
         layout = batch.layout
         B, N, S = layout.batch_size, layout.num_elements, layout.num_segments
-        logits, r, h, alpha, beta, z = (t[:n] for t, n in zip(static, (B, B, N, N, S, S)))
-        if copy:
-            logits, r, h, alpha, beta, z = (t.clone() for t in (logits, r, h, alpha, beta, z))
-        return DM2S2Output(logits=logits, pooled=r, hidden=h, intra_weights=alpha, inter_weights=beta,
-                           segment_pooled=z, layout=layout)
+        pieces = torch.split(values, [math.prod(shape) for shape in self.shapes])
+        logits, r, h, z = (piece.view(shape)[:n] for piece, shape, n in zip(pieces, self.shapes, (B, B, N, S)))
+        return DM2S2Output(logits=logits, pooled=r, hidden=h, intra_weights=weights[:N],
+                           inter_weights=weights[self.num_alpha:self.num_alpha + S], segment_pooled=z,
+                           layout=layout)
 
 
 def run_padded(engine, batch: SequenceSet, bucket: Bucket | None = None) -> DM2S2Output:
@@ -193,7 +207,7 @@ def run_padded(engine, batch: SequenceSet, bucket: Bucket | None = None) -> DM2S
     padded = PaddedBatch(bucket, engine.config, _value_dtypes(engine), batch.device)
     padded.fill(batch)
     with torch.inference_mode():
-        return padded.outputs(engine._run(padded.values, padded, zero_rows=True), batch, copy=False)
+        return PackedOutputs(engine._run(padded.values, padded, zero_rows=True)).result(batch, copy=False)
 
 
 def _value_dtypes(engine) -> dict:
@@ -205,7 +219,7 @@ def _value_dtypes(engine) -> dict:
 class _Graph:
     padded: PaddedBatch
     graph: "torch.cuda.CUDAGraph"
-    outputs: tuple[torch.Tensor, ...]
+    outputs: PackedOutputs
 
 
 class CUDAGraphRunner:
@@ -259,7 +273,7 @@ class CUDAGraphRunner:
                 entry.padded.fill(batch)
             entry.graph.replay()
             self.stats["replays"] += 1
-            out = entry.padded.outputs(entry.outputs, batch, copy=True)
+            out = entry.outputs.result(batch, copy=True)
             self._done.record(stream)
             return out
 
@@ -281,7 +295,7 @@ class CUDAGraphRunner:
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads of a server may keep using the GPU while this one captures.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            outputs = engine._run(padded.values, padded, zero_rows=True)
+            outputs = PackedOutputs(engine._run(padded.values, padded, zero_rows=True))
         entry = self._graphs[bucket] = _Graph(padded, graph, outputs)
         self.stats["captures"] += 1
         return entry

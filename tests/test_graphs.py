@@ -15,8 +15,8 @@ import torch
 
 from conftest import FP32_TOL, random_batch, random_model, rel_err, small_config
 from dm2s2_fast import backends, convert
-from dm2s2_fast.graphs import (PAD_GROUP, Bucket, CUDAGraphRunner, PaddedBatch, bucket_for, round_geometric,
-                               run_padded)
+from dm2s2_fast.graphs import (PAD_GROUP, Bucket, CUDAGraphRunner, PackedOutputs, PaddedBatch, bucket_for,
+                               round_geometric, run_padded)
 from dm2s2_fast.ops._checks import check_offsets, max_group
 
 FIELDS = ("logits", "pooled", "hidden", "intra_weights", "inter_weights", "segment_pooled")
@@ -151,7 +151,12 @@ def test_padded_buffers_refilled_with_another_batch(backend):
             static = engine._run(padded.values, padded, zero_rows=True)
         for t in static:  # pad rows included: nothing non-finite anywhere, so nothing can leak
             assert torch.isfinite(t).all()
-        _assert_matches(padded.outputs(static, batch, copy=True), engine(batch), FP32_TOL, backend)
+        packed = PackedOutputs(static)
+        got = packed.result(batch, copy=True)
+        _assert_matches(got, engine(batch), FP32_TOL, backend)
+        # copies: the next replay may overwrite the packed buffers
+        assert got.hidden.untyped_storage().data_ptr() != packed.values.untyped_storage().data_ptr()
+        assert got.intra_weights.untyped_storage().data_ptr() != packed.weights.untyped_storage().data_ptr()
 
 
 def test_padded_forward_of_empty_samples():
