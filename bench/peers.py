@@ -53,6 +53,7 @@ DESCRIPTIONS = {
     "cuda+graphs": "FastDM2S2 backend='cuda', cuda_graphs=True",
     "triton+fused": "FastDM2S2 backend='triton', DM2S2_TRITON_LINEAR=fused (GEMMs with fused epilogues)",
     "triton+fused+graphs": "FastDM2S2 backend='triton', DM2S2_TRITON_LINEAR=fused, cuda_graphs=True",
+    "triton+fusedgelu+graphs": "FastDM2S2 backend='triton', DM2S2_TRITON_LINEAR=fused-gelu, cuda_graphs=True",
     "hf": "transformers.BertModel, sdpa attention, padded to the longest sample",
     "nested": "nn.TransformerEncoder fast path (nested tensors from src_key_padding_mask)",
     "onnxruntime": "ONNX Runtime (CPU EP) on the exported padded encoder",
@@ -306,7 +307,8 @@ class EngineRunner(Runner):
         device = work.content.device
         name, *flags = provider.split("+")
         graphs = "graphs" in flags
-        self.env = {"DM2S2_TRITON_LINEAR": "fused"} if "fused" in flags else {}
+        linear = {"fused": "fused", "fusedgelu": "fused-gelu"}
+        self.env = {"DM2S2_TRITON_LINEAR": linear[f] for f in flags if f in linear}
         if graphs and device.type != "cuda":
             raise Skip("CUDA graphs need a CUDA device")
         if name == "auto":

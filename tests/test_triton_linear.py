@@ -112,7 +112,8 @@ def test_fused_forced_configs(device, dtype, spec, monkeypatch):
 
 @pytest.mark.parametrize("spec,want", [
     ("", ("composed", None)), ("composed", ("composed", None)), (" fused ", ("fused", None)),
-    ("fused,64,128,32,4,3", ("fused", (64, 128, 32, 4, 3))), ("fused, 16,16,16,1,1", ("fused", (16, 16, 16, 1, 1)))])
+    ("fused,64,128,32,4,3", ("fused", (64, 128, 32, 4, 3))), ("fused, 16,16,16,1,1", ("fused", (16, 16, 16, 1, 1))),
+    ("fused-gelu", ("fused-gelu", None)), ("fused-gelu,64,64,32,4,3", ("fused-gelu", (64, 64, 32, 4, 3)))])
 def test_linear_mode_parse(spec, want, monkeypatch):
     monkeypatch.setenv(ENV, spec)
     assert _lbg().linear_mode() == want
@@ -137,10 +138,11 @@ def test_bad_mode_raises_from_the_ops(device, monkeypatch):
 
 
 @device_param
-@pytest.mark.parametrize("spec,fused", [(None, False), ("composed", False), ("fused", True),
-                                        ("fused,16,16,16,4,1", True)])
+@pytest.mark.parametrize("spec,fused", [(None, (False, False)), ("composed", (False, False)), ("fused", (True, True)),
+                                        ("fused,16,16,16,4,1", (True, True)), ("fused-gelu", (True, False))])
 def test_mode_picks_the_path(device, spec, fused, monkeypatch):
-    """Unset and ``composed`` run the composed form, ``fused`` the fused launcher, and nothing else."""
+    """Unset and ``composed`` run the composed forms, ``fused`` both fused launchers, ``fused-gelu``
+    the fused GELU layer and the composed LayerNorm one, and nothing else."""
     if spec is None:
         monkeypatch.delenv(ENV, raising=False)
     else:
@@ -152,8 +154,8 @@ def test_mode_picks_the_path(device, spec, fused, monkeypatch):
             monkeypatch.setattr(mod, attr, lambda *a, _r=real, _t=(label, attr): calls.append(_t) or _r(*a))
     ops.linear_bias_gelu(*_gelu_inputs(device, torch.float32, 5, 16, 24), backend="triton")
     ops.linear_add_layernorm(*_ln_inputs(device, torch.float32, 5, 16, 24), 1e-12, backend="triton")
-    path = "_launch" if fused else "_composed"
-    assert calls == [("gelu", path), ("ln", path)]
+    paths = ["_launch" if f else "_composed" for f in fused]
+    assert calls == [("gelu", paths[0]), ("ln", paths[1])]
 
 
 def test_supports_fused_layernorm_width(monkeypatch):

@@ -127,7 +127,7 @@ def _supports(x, weight, bias, residual, ln_weight, ln_bias, eps) -> Optional[st
 
 @backends.register_kernel("linear_add_layernorm", "triton", supports=_supports)
 def linear_add_layernorm_triton(x, weight, bias, residual, ln_weight, ln_bias, eps):
-    if linear_mode()[0] == "composed":
+    if linear_mode()[0] != "fused":  # composed, or fused-gelu: only the GELU layer fused
         return _composed(x, weight, bias, residual, ln_weight, ln_bias, eps)
     fn = _op if compiling() else _launch
     return fn(x, weight, bias, residual, ln_weight, ln_bias, float(eps))

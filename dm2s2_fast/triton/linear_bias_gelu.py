@@ -7,6 +7,8 @@
   epilogue. DESIGN §3 keeps GEMMs with the vendor BLAS until a fused kernel measurably beats it;
   ``bench/gpu_linear.py`` is the measurement.
 * ``fused``: ``_linear_bias_gelu_kernel`` at the config ``gelu_config`` picks from the shapes.
+* ``fused-gelu``: this op fused, ``linear_add_layernorm`` composed (where the GELU fusion wins
+  and the whole-row LayerNorm tile does not).
 * ``fused,BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages``: that config, for tuning on a GPU
   (``linear_add_layernorm`` ignores BLOCK_N: its tile is always whole rows).
 
@@ -34,8 +36,9 @@ from .bias_gelu import bias_gelu_triton
 LINEAR_ENV = "DM2S2_TRITON_LINEAR"
 GROUP_M = 8  # row blocks per program group of the grouped order
 _MODE_CACHE: dict = {}
-_MODE_HELP = (f"{LINEAR_ENV} must be 'composed', 'fused' or 'fused,BLOCK_M,BLOCK_N,BLOCK_K,num_warps,"
-              "num_stages' (BLOCK_* powers of two >= 16, num_warps a power of two <= 32, num_stages >= 1)")
+_MODE_HELP = (f"{LINEAR_ENV} must be 'composed', 'fused', 'fused-gelu' or 'fused[-gelu],BLOCK_M,BLOCK_N,"
+              "BLOCK_K,num_warps,num_stages' (BLOCK_* powers of two >= 16, num_warps a power of two <= 32, "
+              "num_stages >= 1)")
 
 
 def _pow2(v: int) -> bool:
@@ -47,13 +50,14 @@ def _valid_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> bool:
 
 
 def linear_mode() -> Tuple[str, Optional[Tuple[int, int, int, int, int]]]:
-    """``(mode, forced config or None)`` from ``DM2S2_TRITON_LINEAR``; mode is composed or fused."""
+    """``(mode, forced config or None)`` from ``DM2S2_TRITON_LINEAR``; mode is composed, fused or
+    fused-gelu."""
     spec = os.environ.get(LINEAR_ENV, "").strip()
     if spec not in _MODE_CACHE:
         mode, *fields = (s.strip() for s in spec.split(","))
         mode = mode or "composed"
         forced = None
-        if mode not in ("composed", "fused") or (mode == "composed" and fields):
+        if mode not in ("composed", "fused", "fused-gelu") or (mode == "composed" and fields):
             raise ValueError(f"{_MODE_HELP}, got {spec!r}")
         if fields:
             try:
