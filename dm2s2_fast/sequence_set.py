@@ -1,6 +1,7 @@
 """SequenceSet: the ragged batch of DESIGN §2 (per-modality packed values + lengths, no padding)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -376,16 +377,18 @@ def _validate(config: DM2S2Config, values: dict, lengths: dict, truncate: bool):
         if v.shape[0] != total:
             raise ValueError(f"modality {name!r}: lengths sum to {total} but there are {v.shape[0]} "
                              f"values")
+        # One min/max pass decides (NaN and inf reach the min or the max); only a bad batch pays
+        # for finding the sample. (isfinite().all() took 8.3 ms on 10.7k image rows, aminmax 0.7.)
         if modality.kind == "dense":
-            bad = ~torch.isfinite(v).all(1)
-            if bool(bad.any()):
+            if v.numel() and not all(map(math.isfinite, (float(t) for t in torch.aminmax(v)))):
+                bad = ~torch.isfinite(v).all(1)
                 b = _sample_of(host_l, int(torch.nonzero(bad)[0]))
                 raise ValueError(f"modality {name!r}, sample {b}: features are not finite (NaN or inf)")
         elif total:
             high = config.vocab_size if modality.kind == "tokens" else modality.num_embeddings
-            bad = (v < 0) | (v >= high)
-            if bool(bad.any()):
-                i = int(torch.nonzero(bad)[0])
+            lo, hi = (int(t) for t in torch.aminmax(v))
+            if lo < 0 or hi >= high:
+                i = int(torch.nonzero((v < 0) | (v >= high))[0])
                 raise ValueError(f"modality {name!r}, sample {_sample_of(host_l, i)}: id {int(v[i])} "
                                  f"is out of range [0, {high})")
         too_long = host_l > config.max_positions
