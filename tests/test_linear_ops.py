@@ -86,6 +86,21 @@ def test_linear_ops_on_huge_page_buffers(backend):
     assert rel_err(ops.linear_add_layernorm(x, w, b, res, lw, lb, 1e-12, backend=backend), ref) <= FP32_TOL
 
 
+def test_cpp_packed_weights_follow_the_weight():
+    """The cpp backend's packed-weight GEMM (small outputs) sees in-place updates and new weights."""
+    if backends.why_not("cpp", "linear", "cpu"):
+        pytest.skip(backends.why_not("cpp", "linear", "cpu"))
+    g = torch.Generator().manual_seed(11)
+    x, w, b = torch.randn(20, 32, generator=g), torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    for _ in range(2):
+        assert rel_err(ops.linear(x, w, b, backend="cpp"), x.double() @ w.double().T + b.double()) <= FP32_TOL
+        with torch.no_grad():
+            w.mul_(-0.5)  # in place: same address, new version
+    w = torch.randn(48, 32, generator=g)  # a new tensor (possibly at a freed one's address)
+    assert rel_err(ops.linear_bias_gelu(x, w, b, backend="cpp"), F.gelu(x.double() @ w.double().T + b.double())) \
+        <= FP32_TOL
+
+
 @CASES
 @pytest.mark.parametrize("N,K,d", SHAPES)
 def test_linear_add_layernorm(backend, device, dtype, N, K, d):
