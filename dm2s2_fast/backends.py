@@ -35,7 +35,9 @@ _MODULES = {
 # intra_mra 154.9 / 56.5, inter_mra 93.2 / 17.8, mra_pool 176.2 / 72.4. Triton's attention is the
 # faster kernel, but each Triton launch costs more host time, and the whole model (run 3) ran in
 # 2.43 ms (B=256) and 1.24 ms (B=1) on cuda alone against 2.46 and 1.70 with Triton's attention
-# mixed in: so `cuda` for every op.
+# mixed in: so `cuda` for every op. The linear ops (added later) are cuBLAS plus the cuda
+# epilogue kernel there, what the engine ran before; the Triton fused forms
+# (DM2S2_TRITON_LINEAR=fused|fused-gelu) have not run on a GPU yet (bench/gpu_linear.py times them).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {}
 
