@@ -187,7 +187,7 @@ def test_configs(monkeypatch):
     assert gelu(bf16, 200, 384, 1536) == (64, 64, 64, 4, 3)  # 96 programs
     assert gelu(bf16, 1, 384, 1536) == (16, 64, 64, 4, 3)
     assert gelu(f32, 26417, 384, 1536) == (64, 64, 32, 4, 2)
-    assert ln(bf16, 26417, 384, 384) == ln(bf16, 26417, 1536, 384) == (64, 512, 32, 8, 3)
+    assert ln(bf16, 26417, 384, 384) == ln(bf16, 26417, 1536, 384) == (32, 512, 32, 8, 3)
     assert ln(bf16, 1, 384, 384) == (16, 512, 32, 4, 3)
     assert ln(f32, 26417, 1536, 384) == (16, 512, 16, 8, 2)
     monkeypatch.setenv(ENV, "fused,32,64,16,4,2")

@@ -62,14 +62,16 @@ def _linear_add_layernorm_kernel(X, W, B, RES, LN_W, LN_B, OUT, n_rows, dim, k_d
 def layernorm_config(dtype: torch.dtype, n: int, k: int, dim: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the fused kernel, from shapes only.
 
-    BLOCK_N = next_pow2(d), whole rows. bf16/fp16: BLOCK_M x BLOCK_N <= 32K accumulators (d=384:
-    64 rows, one wgmma M-tile), 8 warps, so a thread holds 128 fp32 accumulators; BLOCK_K shrinks
-    with BLOCK_N to keep 3 stages of x and Wᵀ tiles near 100 KB of smem. fp32 (IEEE dots on the
-    FMA units, whose operands also sit in registers): BLOCK_M x BLOCK_N <= 8K, 8 warps from 512
-    columns, 2 stages (1 past 512 columns: pipelined, d=1024 spilled on sm_90).
+    BLOCK_N = next_pow2(d), whole rows. bf16/fp16: BLOCK_M x BLOCK_N <= 16K accumulators (d=384:
+    32 rows), 8 warps, so a thread holds 64 fp32 accumulators; BLOCK_K shrinks with BLOCK_N to
+    keep 3 stages of x and Wᵀ tiles under 100 KB of smem. fp32 (IEEE dots on the FMA units, whose
+    operands also sit in registers): BLOCK_M x BLOCK_N <= 8K, 8 warps from 512 columns, 2 stages
+    (1 past 512 columns: pipelined, d=1024 spilled on sm_90).
     BLOCK_M never exceeds next_pow2(N) (tiny N). A forced config gives all but BLOCK_N.
-    Checked spill-free on sm_90 (ptxas: bf16 64x512x32 255 registers, 16x512x32 183, 32x1024x16
-    254; fp32 16x512x16 168, 16x1024x16 238).
+    Checked spill-free on sm_90 (ptxas) with Triton 3.6 (what torch 2.11 pins, the GPU machine's)
+    and 3.9. The 32K-accumulator tile (64x512x32) spills under one or the other: 8 warps, 255
+    registers, 48 bytes under 3.6; 16 warps, 128 registers, 52 bytes under 3.9;
+    bench/gpu_linear.py times both beside this default.
     """
     block_n = triton.next_power_of_2(max(dim, 16))
     rows_cap = max(16, min(128, triton.next_power_of_2(max(n, 1))))
@@ -82,7 +84,7 @@ def layernorm_config(dtype: torch.dtype, n: int, k: int, dim: int):
     if dtype == torch.float32:
         bm = max(16, min(rows_cap, 8192 // block_n))
         return bm, block_n, bk, 8 if block_n >= 512 else 4, 1 if block_n > 512 else 2
-    bm = max(16, min(rows_cap, 32768 // block_n))
+    bm = max(16, min(rows_cap, 16384 // block_n))
     return bm, block_n, bk, 8 if bm * block_n >= 16384 else 4, 3
 
 
