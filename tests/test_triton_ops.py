@@ -41,6 +41,14 @@ def _load_triton_backend():
 TRITON = _load_triton_backend()
 
 
+def triton_module(name: str):
+    """dm2s2_fast.triton.<name>, or a skip that says why the triton backend cannot load here
+    (test_backend_loads_where_it_should fails where that is a set-up mistake)."""
+    if TRITON is None or TRITON.UNAVAILABLE is not None:
+        pytest.skip(f"triton backend unavailable: {TRITON.UNAVAILABLE if TRITON else 'no module'}")
+    return importlib.import_module(f"dm2s2_fast.triton.{name}")
+
+
 def _devices():
     reason = backends.why_not("triton", "add_layernorm", "cuda" if not INTERPRET else "cpu")
     params = []
@@ -172,7 +180,7 @@ def test_set_attention_degenerate(device, lengths):
 
 
 def test_pick_config():
-    from dm2s2_fast.triton.set_attention import pick_config
+    pick_config = triton_module("set_attention").pick_config
 
     # ads set attention: ~113-row samples -> per-group tiles of 64
     packed, bm, bn, warps, _ = pick_config(29000, 256, 230, 32, torch.bfloat16)
@@ -298,7 +306,7 @@ def test_mra_pool_pipelined_variants(device, spec, dtype, monkeypatch):
 
 
 def test_mra_pool_variant_parse(monkeypatch):
-    from dm2s2_fast.triton import mra_pool as MP
+    MP = triton_module("mra_pool")
 
     monkeypatch.setenv("DM2S2_TRITON_MRA_POOL", "32,4,3")
     assert MP._pool_launch_config(384) == (512, 32, 4, 3)
@@ -311,7 +319,7 @@ def test_mra_pool_variant_parse(monkeypatch):
 
 
 def test_mra_tile_config():
-    from dm2s2_fast.triton.mra_pool import tile_config
+    tile_config = triton_module("mra_pool").tile_config
 
     # ads IntraMRA (26k rows): 128x128x64 bf16 tiles, 8 warps, 3 stages (621 programs)
     assert tile_config(torch.bfloat16, 26417, 384, 384) == (128, 128, 64, 8, 3)
@@ -323,7 +331,7 @@ def test_mra_tile_config():
 
 
 def test_mra_mode_parse(monkeypatch):
-    from dm2s2_fast.triton import mra_pool as MP
+    MP = triton_module("mra_pool")
 
     monkeypatch.setenv("DM2S2_TRITON_MRA", "tile:64,64,32,4,2")
     assert MP._mode() == ("tile", (64, 64, 32, 4, 2))

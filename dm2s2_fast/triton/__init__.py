@@ -37,6 +37,38 @@ else:
             "environment before anything imports triton")
         triton = tl = None
 
+
+def _interpreter_reason() -> "str | None":
+    """Why Triton's interpreter cannot run this package's kernels here (None when it can): one
+    tiny kernel with a run-time loop bound, as every kernel here has. Triton 3.6's interpreter
+    (the version torch 2.11 pins) turns such a bound into a Python int with ``int()`` of a
+    1-element array, a TypeError since NumPy 2.4; Triton 3.8 fixed it."""
+    import numpy as np
+    import torch
+
+    @triton.jit
+    def _loop_probe(X, n):
+        total = 0
+        for _ in range(n):
+            total += 1
+        tl.store(X, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_probe[(1,)](out, 3)
+    except Exception as exc:  # noqa: BLE001 - any failure is the reason
+        return (f"Triton {triton.__version__}'s interpreter fails on this machine "
+                f"(NumPy {np.__version__}): {type(exc).__name__}: {exc} (Triton 3.8 has the fix; older ones need NumPy < 2.4)")
+    if int(out[0]) != 3:
+        return f"Triton {triton.__version__}'s interpreter ran a 3-step loop {int(out[0])} times"
+    return None
+
+
+if INTERPRET and triton is not None:
+    UNAVAILABLE = _interpreter_reason()
+    if UNAVAILABLE is not None:
+        triton = tl = None
+
 backends.register_backend("triton", DEVICES, UNAVAILABLE)
 
 # Why the torch.library.triton_op wrappers are not registered (None when they are).
