@@ -544,7 +544,7 @@ def test_cuda_graph_capture():
     cu = offsets(lengths)
     cu_smp = offsets([2, 0, 3])
     qkv = randn(N, 3, H, D, g=g, dtype=torch.bfloat16)
-    x, res = randn(N, d, g=g, dtype=torch.bfloat16), randn(N, d, g=g, dtype=torch.bfloat16)
+    res = randn(N, d, g=g, dtype=torch.bfloat16)
     w, b = randn(d, g=g, dtype=torch.bfloat16), randn(d, g=g, dtype=torch.bfloat16)
     W, c, v = _scorer(d, d, g, torch.bfloat16)
 

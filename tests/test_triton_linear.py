@@ -8,7 +8,6 @@ finite and whole tensors are compared.
 """
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -212,39 +211,11 @@ def test_fused_ops_compile(monkeypatch):
 # --------------------------------------------- sm_90 build: registers and spills (ptxas, no GPU)
 
 _AOT_SCRIPT = r"""
-import contextlib, io, re, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 import dm2s2_fast.triton as T
 assert not T.INTERPRET and T.UNAVAILABLE is None, T.UNAVAILABLE
 from dm2s2_fast.triton import linear_add_layernorm as LL, linear_bias_gelu as LG
-PT = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-
-built = set()
-
-def build(fn, args, consts, warps, stages):
-    key = (fn.__name__, args["X"], tuple(sorted(consts.items())), warps, stages)
-    if key in built:  # e.g. fp32 picks the same tiles for tiny N as for the full batch
-        return
-    built.add(key)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        v = args.get(name)
-        sig[name] = "constexpr" if name in consts else PT[v] if isinstance(v, torch.dtype) else \
-            "fp32" if isinstance(v, float) else "i32"
-        # what the launch specialises on: torch's 16-byte aligned buffers, ints divisible by 16
-        if name not in consts and (isinstance(v, torch.dtype) or (type(v) is int and v % 16 == 0)):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
-        k = triton.compile(ASTSource(fn, signature=sig, constexprs=dict(consts), attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    regs = re.search(r"Used (\d+) registers", log.getvalue())
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
-    assert regs and spill, "no ptxas -v log: " + log.getvalue()[-2000:]
-    tiles = "x".join(str(consts[c]) for c in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    print(f"KERNEL {fn.__name__} {args['X']} {tiles} warps={warps} stages={stages} smem={k.metadata.shared} "
-          f"regs={regs.group(1)} spill_stores={spill.group(1)} spill_loads={spill.group(2)}", flush=True)
+from sm90_build import build
 
 ADS, FFN = 26417, 1536
 for dt in (torch.bfloat16, torch.float32):
@@ -275,6 +246,7 @@ def test_fused_kernels_compile_for_sm90_without_spills(tmp_path):
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"this triton has no ahead-of-time compile API: {exc}")
+    from sm90_build import spilling
     proc = _run_python(_AOT_SCRIPT, TRITON_INTERPRET="0", TRITON_DUMP_PTXAS_LOG="1",
                        TRITON_CACHE_DIR=str(tmp_path))  # a fresh cache, so ptxas runs and logs
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
@@ -283,8 +255,7 @@ def test_fused_kernels_compile_for_sm90_without_spills(tmp_path):
     kernels = [line for line in proc.stdout.splitlines() if line.startswith("KERNEL")]
     print("\n" + "\n".join(kernels))
     assert len(kernels) == 9, kernels
-    spilling = [line for line in kernels if not re.search(r"spill_stores=0 spill_loads=0", line)]
-    assert not spilling, spilling
+    assert not spilling(proc.stdout), spilling(proc.stdout)
 
 
 # ------------------------------------------------------------------------- the GPU benchmark

@@ -526,7 +526,7 @@ def test_supports_refuses_fp64(device):
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
-    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), full_env.get("PYTHONPATH", "")])
+    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), full_env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
                           cwd=str(ROOT), timeout=300)
 
@@ -568,44 +568,30 @@ def test_unavailable_without_triton():
 # ------------------------------------------------------- GPU code path compiles (ptxas, no GPU needed)
 
 _AOT_SCRIPT = r"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from dm2s2_fast import backends
+import torch
 import dm2s2_fast.triton as T
 assert not T.INTERPRET and T.UNAVAILABLE is None, T.UNAVAILABLE
 from dm2s2_fast.triton import add_layernorm as AL, bias_gelu as BG, embed_layernorm as EL, mra_pool as MP
 from dm2s2_fast.triton import set_attention as SA
-PT = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
-      torch.int64: "*i64"}
+from sm90_build import build
 
-def build(fn, args, consts, warps, stages):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        else:
-            v = args[name]
-            sig[name] = PT[v] if isinstance(v, torch.dtype) else "fp32" if isinstance(v, float) else "i32"
-    src = ASTSource(fn, signature=sig, constexprs=dict(consts))
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    print("compiled", fn.__name__, consts)
-
-d, f = 384, 1536
+# The ads batch at B=256: N packed rows, 256 sets (longest 200), 974 segments (longest 118); q, k, v
+# are views of the [N, 3, H, D] qkv projection.
+N, d, f, H, D = 26417, 384, 1536, 12, 32
 for dt in (torch.bfloat16, torch.float32):
-    for n, G, ms in ((29000, 256, 230), (29000, 985, 118)):
-        packed, bm, bn, w, st = SA.pick_config(n, G, ms, 32, dt)
-        build(SA._set_attention_kernel, dict(Q=dt, K=dt, V=dt, O=dt, CU=torch.int32, stride_qn=1, stride_qh=1,
-              stride_kn=1, stride_kh=1, stride_vn=1, stride_vh=1, stride_on=1, stride_oh=1, n_rows=n,
-              n_groups=G, n_mblocks=4, search_iters=9, qk_scale=0.25),
-              dict(HEAD_DIM=32, BLOCK_D=32, BLOCK_M=bm, BLOCK_N=bn, PACKED=packed, INTERP=False), w, st)
+    for G, ms in ((256, 200), (974, 118)):
+        packed, bm, bn, w, st = SA.pick_config(N, G, ms, D, dt)
+        build(SA._set_attention_kernel, dict(Q=dt, K=dt, V=dt, O=dt, CU=torch.int32, stride_qn=3 * d,
+              stride_qh=D, stride_kn=3 * d, stride_kh=D, stride_vn=3 * d, stride_vh=D, stride_on=d, stride_oh=D,
+              n_rows=N, n_groups=G, n_mblocks=-(-ms // bm), search_iters=G.bit_length(), qk_scale=0.25),
+              dict(HEAD_DIM=D, BLOCK_D=D, BLOCK_M=bm, BLOCK_N=bn, PACKED=packed, INTERP=False), w, st)
     for n in (26417, 974):
         bn, ba, bk, w, st = MP.tile_config(dt, n, d, d)
         build(MP._score_tile_kernel, dict(X=dt, W=dt, C=dt, V=dt, P=torch.float32, n_rows=n, dim=d, width=d,
               stride_xn=d, stride_wa=d),
               dict(BLOCK_N=bn, BLOCK_A=ba, BLOCK_K=bk, EVEN_K=True, EVEN_A=True, INTERP=False), w, st)
     bn, ba, bk, w, st = MP._score_config(dt, d, d)
-    build(MP._score_kernel, dict(X=dt, W=dt, C=dt, V=dt, S=torch.float32, n_rows=1, dim=d, width=d,
+    build(MP._score_kernel, dict(X=dt, W=dt, C=dt, V=dt, S=torch.float32, n_rows=974, dim=d, width=d,
           stride_xn=d, stride_wa=d), dict(BLOCK_N=bn, BLOCK_A=ba, BLOCK_K=bk, INTERP=False), w, st)
     bd, bn, ba, bk, w = MP._fused_config(dt, d, d)
     f32 = torch.float32
@@ -618,32 +604,40 @@ for dt in (torch.bfloat16, torch.float32):
         build(MP._group_pool_kernel, dict(X=dt, SC=f32, CU=torch.int32, OUT=dt, WT=f32, dim=d, stride_xn=d,
               stride_on=d, part_stride=d), dict(BLOCK_N=bn, BLOCK_D=bd, N_PART=3, INTERP=False), w, st)
     bd, br, w = AL.row_config(d)
-    build(AL._add_layernorm_kernel, dict(X=dt, RES=dt, Wt=dt, Bs=dt, OUT=dt, n_rows=1, dim=d, eps=1e-12,
+    build(AL._add_layernorm_kernel, dict(X=dt, RES=dt, Wt=dt, Bs=dt, OUT=dt, n_rows=N, dim=d, eps=1e-12,
           stride_x=d, stride_r=d, stride_o=d), dict(BLOCK_R=br, BLOCK_D=bd, INTERP=False), w, 2)
     build(EL._embed_layernorm_kernel, dict(POS=torch.int64, TYP=torch.int64, PT=dt, TT=dt, Wt=dt, Bs=dt,
-          IDS=torch.int64, TABLE=dt, DENSE=dt, OUT=dt, OUT_ROWS=torch.int64, n=1, dim=d, eps=1e-12,
+          IDS=torch.int64, TABLE=dt, DENSE=dt, OUT=dt, OUT_ROWS=torch.int64, n=N, dim=d, eps=1e-12,
           stride_pt=d, stride_tt=d, stride_table=d, stride_dense=d, stride_o=d),
           dict(HAS_IDS=True, HAS_ROWS=True, BLOCK_R=br, BLOCK_D=bd, INTERP=False), w, 2)
-    build(BG._bias_gelu_kernel, dict(X=dt, B=dt, OUT=dt, n_rows=1, width=f, stride_x=f, stride_o=f),
+    build(BG._bias_gelu_kernel, dict(X=dt, B=dt, OUT=dt, n_rows=N, width=f, stride_x=f, stride_o=f),
           dict(BLOCK_R=8, BLOCK_F=512, INTERP=False), 4, 2)
 print("ALL-COMPILED")
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile these kernels for real")
-def test_gpu_kernels_compile_for_sm90():
+def test_gpu_kernels_compile_for_sm90(tmp_path):
     """Without a GPU, the compiled (non-interpreted) kernels are still built for sm_90 (H100/H200)
-    with Triton's bundled ptxas at the configs the launchers pick for the ads workload (bf16, fp32),
-    so the CUDA code path cannot rot where only the interpreter runs."""
+    with Triton's bundled ptxas at the configs the launchers pick for the ads workload at B=256
+    (bf16, fp32), specialised as a launch would be (tests/sm90_build.py), so the CUDA code path
+    cannot rot where only the interpreter runs, and ptxas reports no spills. Run with -s to see
+    the registers."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"this triton has no ahead-of-time compile API: {exc}")
-    proc = _run_python(_AOT_SCRIPT, TRITON_INTERPRET="0")
+    from sm90_build import spilling
+    proc = _run_python(_AOT_SCRIPT, TRITON_INTERPRET="0", TRITON_DUMP_PTXAS_LOG="1",
+                       TRITON_CACHE_DIR=str(tmp_path))  # a fresh cache, so ptxas runs and logs
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
         pytest.skip("triton's ptxas is not available")
     assert proc.returncode == 0 and "ALL-COMPILED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+    kernels = [line for line in proc.stdout.splitlines() if line.startswith("KERNEL")]
+    print("\n" + "\n".join(kernels))
+    assert len(kernels) >= 20, kernels
+    assert not spilling(proc.stdout), spilling(proc.stdout)
 
 
 # ----------------------------------------------------------------------------- torch.compile (GPU)

@@ -392,11 +392,12 @@ def _pool_launch_config(dim: int):
 
 
 def _fused_config(dtype: torch.dtype, dim: int, width: int):
-    """(BLOCK_D, BLOCK_N, BLOCK_A, BLOCK_K, num_warps) of the fused kernel (spill-free on sm_90)."""
+    """(BLOCK_D, BLOCK_N, BLOCK_A, BLOCK_K, num_warps) of the fused kernel (spill-free on sm_90 under
+    Triton 3.6 and 3.9; fp32 with BLOCK_K=32 spilled 28 bytes under 3.9)."""
     block_d, block_n, _ = _pool_config(dim)
     half = dtype != torch.float32
     block_a = min(32, max(16, triton.next_power_of_2(width)))
-    block_k = min(64 if half else 32, max(16, triton.next_power_of_2(dim)))
+    block_k = min(64 if half else 16, max(16, triton.next_power_of_2(dim)))
     return block_d, block_n, block_a, block_k, 8 if block_d >= 256 else 4
 
 
