@@ -105,16 +105,17 @@ def info(_args) -> int:
         cells = ["available" if r is None else f"no: {r}" for r in per_device.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nauto picks, per op:")
-    for device in ("cpu", "cuda"):
+    for device, graphs, label in (("cpu", False, "cpu"), ("cuda", False, "cuda"),
+                                  ("cuda", True, "cuda, cuda_graphs=True")):
         picks = []
         for op in backends.OPS:
             try:
-                picks.append(f"{op}={backends.resolve(op, 'auto', device)[0]}")
+                picks.append(f"{op}={backends.resolve(op, 'auto', device, graphs=graphs)[0]}")
             except backends.BackendUnavailable:
                 picks.append(f"{op}=none")
         if device == "cuda" and not torch.cuda.is_available():
             picks = ["(no CUDA device)"]
-        print(f"  {device}: " + ", ".join(picks))
+        print(f"  {label}: " + ", ".join(picks))
     return 0
 
 

@@ -53,7 +53,8 @@ class FastDM2S2(nn.Module):
         return super().train(False)
 
     def _op(self, op: str, *args):
-        name, fn = backends.resolve(op, self.backend, args[0].device, args)
+        # with graphs, auto takes the kernel of least GPU time (backends.AUTO_CUDA_GRAPH_ORDER)
+        name, fn = backends.resolve(op, self.backend, args[0].device, args, graphs=self.graphs is not None)
         self.last_backends[op] = name
         return fn(*args)
 

@@ -233,6 +233,13 @@ def test_graph_replay_on_the_ads_batch():
     for B in (1, 64, 256):
         batch = ads_batch(B, config, seed=B).to("cuda")
         _assert_matches(graphed(batch), eager(batch), 2e-2, f"ads B={B}")
+    # auto under graphs takes the kernels of least GPU time (backends.AUTO_CUDA_GRAPH_ORDER)
+    for op in graphed.last_backends:
+        want = backends.resolve(op, "auto", "cuda", graphs=True)[0]
+        assert graphed.last_backends[op] == want, (op, graphed.last_backends)
+        assert eager.last_backends[op] == backends.resolve(op, "auto", "cuda")[0], (op, eager.last_backends)
+    if backends.why_not("triton", "set_attention", "cuda") is None:
+        assert graphed.last_backends["set_attention"] == "triton"
 
 
 def test_graph_replay_across_streams_and_threads():
