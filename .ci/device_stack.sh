@@ -23,7 +23,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 # NumPy < 2.4: Triton 3.6's interpreter fails on 2.4 (see dm2s2_fast/triton/__init__.py).
-if ! "$PY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" "numpy<2.4" pytest scikit-build-core ninja; then
+# transformers: the Hugging Face loader tests, and the bench's HF rows, run under this torch too.
+if ! "$PY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" "numpy<2.4" pytest scikit-build-core ninja \
+    transformers safetensors; then
   if ! "$PY" -m pip download -q --no-deps -d "$VENV/probe" "$TORCH_SPEC" >/dev/null 2>&1; then
     echo "device_stack.sh: SKIPPED: the package index has no $TORCH_SPEC"
     exit 0
