@@ -48,7 +48,8 @@ DESCRIPTIONS = {
     "cpp": "FastDM2S2 backend='cpp' (C++ CPU kernels)",
     "triton": "FastDM2S2 backend='triton'",
     "cuda": "FastDM2S2 backend='cuda'",
-    "auto+graphs": "FastDM2S2 backend='auto', cuda_graphs=True (batch padded to its bucket, one graph replay)",
+    "auto+graphs": "FastDM2S2 backend='auto', cuda_graphs=True (batch padded to its bucket, one graph replay; per op "
+                   "the kernel of least GPU time, backends.AUTO_CUDA_GRAPH_ORDER)",
     "triton+graphs": "FastDM2S2 backend='triton', cuda_graphs=True",
     "cuda+graphs": "FastDM2S2 backend='cuda', cuda_graphs=True",
     "triton+fused": "FastDM2S2 backend='triton', DM2S2_TRITON_LINEAR=fused (GEMMs with fused epilogues)",
