@@ -4,7 +4,8 @@ The other tests fix a few configs; here a seeded generator draws the config spac
 8-64 (24 and 48 included), 1-4 heads, 1-5 modalities of every kind (dense widths from 1,
 categorical tables from 1 entry), MRA and head widths from 1, 1-3 outputs, one or two layers, set
 or modality attention, and ragged batches of 1-16 samples (empty samples, missing modalities,
-length-1 segments). fp32 only (DESIGN §5: CPU is fp32; GPU runs here in fp32 too).
+length-1 segments). fp32 only (DESIGN §5: CPU is fp32; GPU runs here in fp32 too). On CPU the same
+draws also go through the padded forward a CUDA graph replays.
 
 Bound per output: ``max(1e-5, 2 × the error of the reference itself run in fp32)``, and for the
 logits also ``64 · κ · 2⁻²⁴``. DESIGN §5's fp32 bound is 1e-5; these random models are sharp
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from conftest import FP32_TOL, fp64_reference, random_batch, random_model, rel_err
 from dm2s2_fast import DM2S2Config, Modality, backends, convert
+from dm2s2_fast.graphs import run_padded
 
 FIELDS = ("logits", "pooled", "hidden", "intra_weights", "inter_weights", "segment_pooled")
 CASES = 60  # configs drawn; the slow paths (Triton's interpreter, the GPU) take the first few
@@ -95,4 +97,24 @@ def test_random_config_matches_reference(device, backend, case):
     assert set(engine.last_backends.values()) == {backend}, engine.last_backends
     for field in FIELDS:
         err = rel_err(getattr(out, field).cpu(), getattr(oracle, field))
+        assert err <= bounds[field], f"{field}: {err:.2e} > {bounds[field]:.1e} on {config}, B={batch.batch_size}"
+
+
+def padded_cases():
+    for backend in ("torch", "cpp", "triton"):
+        for case in range(FEW if backend == "triton" else CASES):
+            yield pytest.param(backend, case, id=f"cpu-{backend}-{case}")
+
+
+@pytest.mark.parametrize("backend,case", list(padded_cases()))
+def test_random_config_padded_forward(backend, case):
+    """The forward a CUDA graph replays (the batch padded into its shape bucket, dm2s2_fast.graphs),
+    run eagerly on CPU, on the same draws and to the same bounds."""
+    reason = backends.why_not(backend, "set_attention", "cpu")
+    if reason:
+        pytest.skip(f"{backend} unavailable on cpu: {reason}")
+    config, model, batch, oracle, bounds = draw(case)
+    out = run_padded(convert(model, backend), batch)
+    for field in FIELDS:
+        err = rel_err(getattr(out, field), getattr(oracle, field))
         assert err <= bounds[field], f"{field}: {err:.2e} > {bounds[field]:.1e} on {config}, B={batch.batch_size}"
