@@ -71,6 +71,15 @@ class DM2S2Config:
                 f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
             )
 
+    def check_batch(self, batch_config: "DM2S2Config") -> None:
+        """Raise ValueError unless a batch validated against ``batch_config`` is valid input here:
+        the same modalities, and ids and lengths checked against the same vocabulary and position
+        table (else out-of-range ids would reach the embedding kernels)."""
+        for key in ("modalities", "vocab_size", "max_positions"):
+            if getattr(batch_config, key) != getattr(self, key):
+                raise ValueError(f"the batch was built for a config with other {key} "
+                                 f"({getattr(batch_config, key)!r}, the model has {getattr(self, key)!r})")
+
     @property
     def num_modalities(self) -> int:
         return len(self.modalities)

@@ -14,6 +14,7 @@ import weakref
 import torch
 
 from . import _extension, backends
+from .ops.embed_layernorm import out_layout_reason
 
 _reason = _extension.load()
 backends.register_backend("cpp", ("cpu",), _reason)
@@ -88,8 +89,9 @@ if _reason is None:
     # GEMM 438 -> 373 µs), then the epilogue kernel.
     _HUGE_OUTPUT = 8 << 20
 
-    def _small(x, weight):
-        return _packed_gemm is not None and x.shape[0] * weight.shape[0] * 4 < _HUGE_OUTPUT
+    def _small(x, weight):  # MKL's packing rejects empty dims (the C++ ops handle them)
+        return (_packed_gemm is not None and x.numel() > 0 and weight.numel() > 0
+                and x.shape[0] * weight.shape[0] * 4 < _HUGE_OUTPUT)
 
     @backends.register_kernel("linear", "cpp", supports=lambda x, weight, bias: _why_not(x, weight, bias))
     def linear_cpp(x, weight, bias):
@@ -122,7 +124,7 @@ if _reason is None:
 
     def _embed_supports(positions, type_ids, position_table, type_table, weight, bias, eps, ids, table,
                         dense, out, out_rows):
-        return _why_not(position_table, type_table, weight, bias, table, dense, out)
+        return _why_not(position_table, type_table, weight, bias, table, dense, out) or out_layout_reason(out, "cpp")
 
     @backends.register_kernel("embed_layernorm", "cpp", supports=_embed_supports)
     def embed_layernorm_cpp(positions, type_ids, position_table, type_table, weight, bias, eps, ids,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _extension, backends
+from .ops.embed_layernorm import out_layout_reason
 from .ops.linear_add_layernorm import composed as composed_linear_add_layernorm
 from .ops.linear_bias_gelu import composed as composed_linear_bias_gelu
 
@@ -107,7 +108,7 @@ backends.register_kernel(
 
 def _embed_supports(positions, type_ids, position_table, type_table, weight, bias, eps, ids, table, dense,
                     out, out_rows):
-    return _why_not(position_table, type_table, weight, bias, table, dense, out)
+    return _why_not(position_table, type_table, weight, bias, table, dense, out) or out_layout_reason(out, "cuda")
 
 
 @backends.register_kernel("embed_layernorm", "cuda", supports=_embed_supports)

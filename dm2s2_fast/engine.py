@@ -61,8 +61,7 @@ class FastDM2S2(nn.Module):
     def forward(self, batch: SequenceSet) -> DM2S2Output:
         if not isinstance(batch, SequenceSet):
             raise TypeError(f"FastDM2S2 takes a SequenceSet, got {type(batch).__name__}")
-        if batch.config.modalities != self.config.modalities:
-            raise ValueError("the batch was built for a config with other modalities")
+        self.config.check_batch(batch.config)
         if any(v.requires_grad for v in batch.values.values()):
             raise RuntimeError("FastDM2S2 is inference-only and cannot give gradients; use "
                                "dm2s2_fast.reference.DM2S2 for training")

@@ -129,8 +129,7 @@ class DM2S2(nn.Module):
     def forward(self, batch: SequenceSet) -> DM2S2Output:
         if not isinstance(batch, SequenceSet):
             raise TypeError(f"DM2S2 takes a SequenceSet, got {type(batch).__name__}")
-        if batch.config.modalities != self.config.modalities:
-            raise ValueError("the batch was built for a config with other modalities")
+        self.config.check_batch(batch.config)
         cfg, emb = self.config, self.embeddings
         padded = batch.to_padded()
         blocks, masks, block_ids, widths = [], [], [], []

@@ -1,7 +1,6 @@
 """SequenceSet: the ragged batch of DESIGN §2 (per-modality packed values + lengths, no padding)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -11,6 +10,7 @@ import torch
 from .config import DM2S2Config, Modality
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _sample_of(lengths: torch.Tensor, flat_index: int) -> int:
@@ -219,6 +219,8 @@ class SequenceSet:
 
         Elements whose mask is True are taken in order (the mask need not be left-aligned).
         """
+        if not isinstance(padded, dict):
+            raise ValueError("from_padded takes a dict {modality name: (padded, mask)}")
         values, lengths = {}, {}
         for name, pair in padded.items():
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -307,12 +309,19 @@ def _as_sequence(modality: Modality, seq, b: int, device) -> torch.Tensor:
         t = t.to(device)
     if t.numel() == 0:
         return _empty(modality, t.device)
+    # Checked per sample, before torch.cat promotes mixed dtypes (bool ids beside int ones, int
+    # features beside float ones) into a batch that would then pass.
     if modality.kind == "dense":
-        if t.dim() != 2:
+        if not t.is_floating_point():
+            raise ValueError(f"{where}: dense features must be floating point, got {t.dtype}")
+        if t.dim() != 2 or t.shape[1] != modality.input_dim:
             raise ValueError(f"{where}: dense features must be 2-D [length, {modality.input_dim}], "
                              f"got shape {tuple(t.shape)}")
-    elif t.dim() != 1:
-        raise ValueError(f"{where}: ids must be 1-D, got shape {tuple(t.shape)}")
+    else:
+        if t.dtype not in _INT_DTYPES:
+            raise ValueError(f"{where}: ids must be integers, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{where}: ids must be 1-D, got shape {tuple(t.shape)}")
     return t
 
 
@@ -327,10 +336,18 @@ def _validate(config: DM2S2Config, values: dict, lengths: dict, truncate: bool):
     if not values:
         raise ValueError("a SequenceSet needs at least one modality's (values, lengths)")
     batch_size, device = None, None
+    lengths = dict(lengths)  # the caller's dict stays as given
     for name in values:
         l = lengths[name]
         if not isinstance(l, torch.Tensor):
-            l = torch.as_tensor(l)
+            try:
+                l = torch.as_tensor(l)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ValueError(f"modality {name!r}: cannot make lengths of {type(l).__name__}: {exc}") from None
+            if l.numel() == 0:  # [] (no samples) is float32 to torch
+                l = l.to(torch.int64)
+        if l.device.type == "meta":
+            raise ValueError(f"modality {name!r}: lengths are on the meta device (no data to check)")
         if l.dim() != 1 or (l.dtype not in _INT_DTYPES):
             raise ValueError(f"modality {name!r}: lengths must be a 1-D integer tensor, got "
                              f"{l.dtype} of shape {tuple(l.shape)}")
@@ -350,6 +367,8 @@ def _validate(config: DM2S2Config, values: dict, lengths: dict, truncate: bool):
         v, l = values[name], lengths[name].to(torch.int64)
         if not isinstance(v, torch.Tensor):
             raise ValueError(f"modality {name!r}: values must be a tensor, got {type(v).__name__}")
+        if v.dim() == 0:
+            raise ValueError(f"modality {name!r}: values must be 1-D ids or 2-D features, got a scalar")
         if v.device != device or l.device != device:
             raise ValueError(f"modality {name!r}: values on {v.device} and lengths on {l.device}; "
                              f"the batch is on {device}")
@@ -357,6 +376,11 @@ def _validate(config: DM2S2Config, values: dict, lengths: dict, truncate: bool):
         if batch_size and int(host_l.min()) < 0:
             b = int(torch.nonzero(host_l < 0)[0])
             raise ValueError(f"modality {name!r}, sample {b}: negative length {int(host_l[b])}")
+        # Before the sum: no length may exceed the values (so the int64 sum cannot wrap around).
+        if batch_size and int(host_l.max()) > v.shape[0]:
+            b = int(torch.argmax(host_l))
+            raise ValueError(f"modality {name!r}, sample {b}: length {int(host_l[b])} but there are only "
+                             f"{v.shape[0]} values")
         total = int(host_l.sum())
         if modality.kind == "dense":
             if v.numel() == 0 and total == 0:
@@ -379,11 +403,17 @@ def _validate(config: DM2S2Config, values: dict, lengths: dict, truncate: bool):
                              f"values")
         # One min/max pass decides (NaN and inf reach the min or the max); only a bad batch pays
         # for finding the sample. (isfinite().all() took 8.3 ms on 10.7k image rows, aminmax 0.7.)
+        # The bound is fp32's largest value: the model computes in fp32 at the widest, so fp64
+        # features beyond it would become inf there.
         if modality.kind == "dense":
-            if v.numel() and not all(map(math.isfinite, (float(t) for t in torch.aminmax(v)))):
-                bad = ~torch.isfinite(v).all(1)
+            if v.numel() and not all(abs(float(t)) <= _FLOAT32_MAX for t in torch.aminmax(v)):
+                ok = torch.isfinite(v)
+                if v.dtype == torch.float64:  # narrower dtypes hold nothing beyond fp32's range
+                    ok &= v.abs() <= _FLOAT32_MAX
+                bad = ~ok.all(1)
                 b = _sample_of(host_l, int(torch.nonzero(bad)[0]))
-                raise ValueError(f"modality {name!r}, sample {b}: features are not finite (NaN or inf)")
+                raise ValueError(f"modality {name!r}, sample {b}: features are not finite in float32 "
+                                 f"(NaN, inf, or beyond ±{_FLOAT32_MAX:.3g})")
         elif total:
             high = config.vocab_size if modality.kind == "tokens" else modality.num_embeddings
             lo, hi = (int(t) for t in torch.aminmax(v))

@@ -1,11 +1,13 @@
 """FastDM2S2 (the ragged engine) against the padded reference, run in fp64 (DESIGN §5)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import dm2s2_fast
-from dm2s2_fast import BackendUnavailable, DM2S2Config, Modality, convert
+from dm2s2_fast import BackendUnavailable, DM2S2Config, Modality, SequenceSet, convert
 from dm2s2_fast.workloads import ads_batch
 
 from conftest import FP32_TOL, fp64_reference, random_batch, random_model, rel_err, small_config
@@ -189,6 +191,14 @@ def test_batch_for_another_config_is_rejected():
     other = DM2S2Config.default_ads(num_layers=1)
     with pytest.raises(ValueError, match="other modalities"):
         convert(model)(ads_batch(2, other))
+    # Same modalities, but ids and lengths validated against a larger vocabulary / position table:
+    # they would reach the embedding kernels out of range.
+    for field, value, jagged in (("vocab_size", 1000, {"title": (torch.tensor([5, 999]), torch.tensor([2]))}),
+                                 ("max_positions", 128, {"title": (torch.arange(100), torch.tensor([100]))})):
+        batch = SequenceSet.from_jagged(dataclasses.replace(model.config, **{field: value}), jagged)
+        for runner in (model, convert(model, "torch"), convert(model)):
+            with pytest.raises(ValueError, match=f"other {field}"):
+                runner(batch)
 
 
 def test_default_ads_workload_runs_and_matches():

@@ -29,8 +29,9 @@ def _cases():
 
 
 CASES = pytest.mark.parametrize("backend,device,dtype", _cases())
-# (rows, in, out): empty, one row, odd sizes that are no tile multiple, the ads FFN shape (small N).
-SHAPES = [(0, 8, 12), (1, 16, 24), (37, 24, 40), (130, 96, 160)]
+# (rows, in, out): empty, no inputs (the bias alone), one row, odd sizes that are no tile multiple,
+# the ads FFN shape (small N).
+SHAPES = [(0, 8, 12), (5, 0, 12), (1, 16, 24), (37, 24, 40), (130, 96, 160)]
 
 
 def _bound(out_err_in_dtype: float, dtype: torch.dtype) -> float:
@@ -45,7 +46,7 @@ def _rand(*shape, g, scale=1.0):
 @pytest.mark.parametrize("N,K,Fo", SHAPES)
 def test_linear_bias_gelu(backend, device, dtype, N, K, Fo):
     g = torch.Generator().manual_seed(N + K)
-    x, w, b = _rand(N, K, g=g), _rand(Fo, K, g=g, scale=K ** -0.5), _rand(Fo, g=g)
+    x, w, b = _rand(N, K, g=g), _rand(Fo, K, g=g, scale=max(K, 1) ** -0.5), _rand(Fo, g=g)
     ref = F.gelu(x @ w.T + b)
     args = [t.to(device, dtype) for t in (x, w, b)]
     out = ops.linear_bias_gelu(*args, backend=backend)
@@ -60,7 +61,7 @@ def test_linear_bias_gelu(backend, device, dtype, N, K, Fo):
 @pytest.mark.parametrize("N,K,Fo", SHAPES)
 def test_linear(backend, device, dtype, N, K, Fo):
     g = torch.Generator().manual_seed(N + K + 2)
-    x, w, b = _rand(N, K, g=g), _rand(Fo, K, g=g, scale=K ** -0.5), _rand(Fo, g=g)
+    x, w, b = _rand(N, K, g=g), _rand(Fo, K, g=g, scale=max(K, 1) ** -0.5), _rand(Fo, g=g)
     ref = x @ w.T + b
     args = [t.to(device, dtype) for t in (x, w, b)]
     out = ops.linear(*args, backend=backend)
@@ -105,7 +106,7 @@ def test_cpp_packed_weights_follow_the_weight():
 @pytest.mark.parametrize("N,K,d", SHAPES)
 def test_linear_add_layernorm(backend, device, dtype, N, K, d):
     g = torch.Generator().manual_seed(N + K + 1)
-    x, w, b = _rand(N, K, g=g), _rand(d, K, g=g, scale=K ** -0.5), _rand(d, g=g)
+    x, w, b = _rand(N, K, g=g), _rand(d, K, g=g, scale=max(K, 1) ** -0.5), _rand(d, g=g)
     res, lw, lb = _rand(N, d, g=g), 0.5 + torch.rand(d, generator=g, dtype=torch.float64), _rand(d, g=g)
     ref = F.layer_norm(x @ w.T + b + res, (d,), lw, lb, 1e-12)
     args = [t.to(device, dtype) for t in (x, w, b, res, lw, lb)]

@@ -146,6 +146,20 @@ def test_epilogues_torch():
                                  out=torch.empty(3, 4), out_rows=torch.tensor([3])), r"out_rows has entries"),
     (lambda: ops.embed_layernorm(torch.tensor([0]), torch.tensor([0]), torch.randn(8, 4), torch.randn(2, 4),
                                  torch.ones(4), torch.zeros(4), 1e-12), "either ids and table, or dense"),
+    (lambda: ops.embed_layernorm(torch.tensor([0]), torch.tensor([0]), torch.randn(8, 4), torch.randn(2, 1),
+                                 torch.ones(4), torch.zeros(4), 1e-12, dense=torch.randn(1, 4)),
+     r"type_table must have shape \(2, 4\)"),
+    # Outputs written in place must not alias themselves: an expanded or overlapping view.
+    (lambda: ops.embed_layernorm(torch.tensor([0, 1]), torch.tensor([0, 0]), torch.randn(8, 4), torch.randn(2, 4),
+                                 torch.ones(4), torch.zeros(4), 1e-12, dense=torch.randn(2, 4),
+                                 out=torch.zeros(1, 4).expand(2, 4), out_rows=torch.tensor([0, 1])),
+     "out has overlapping elements"),
+    (lambda: ops.embed_layernorm(torch.tensor([0, 1]), torch.tensor([0, 0]), torch.randn(8, 4), torch.randn(2, 4),
+                                 torch.ones(4), torch.zeros(4), 1e-12, dense=torch.randn(2, 4),
+                                 out=torch.zeros(16).as_strided((2, 4), (2, 1)), out_rows=torch.tensor([0, 1])),
+     "out has overlapping elements"),
+    (lambda: ops.set_attention(*(torch.randn(4, 2, 8, device="meta"),) * 3,
+                               torch.tensor([0, 4], dtype=torch.int32, device="meta"), 4), "meta device"),
     (lambda: ops.intra_mra(torch.randn(5, 4), torch.tensor([0, 2, 5], dtype=torch.int32), torch.randn(3, 5),
                            torch.randn(3), torch.randn(3)), r"W must have shape \(3, 4\)"),
     (lambda: ops.mra_pool(torch.randn(5, 4), torch.tensor([0, 2, 5], dtype=torch.int32),
@@ -166,6 +180,27 @@ def test_zero_sized_inputs():
                                      backend="torch")
     assert z.shape == (0, 4) and alpha.shape == (0,) and beta.shape == (0,)
     assert torch.equal(r, torch.zeros(2, 4))
+    no_dim = torch.zeros(3, 2, 0)  # head dim 0: the default scale must not divide by it
+    assert ops.set_attention(no_dim, no_dim, no_dim, torch.tensor([0, 3], dtype=torch.int32), 3).shape == (3, 2, 0)
+
+
+def test_embed_into_an_out_whose_rows_are_not_contiguous():
+    """A transposed or column-strided ``out`` is valid: the compiled kernels decline it with a reason
+    (they store unit-stride rows), so ``auto`` takes the torch kernel."""
+    g = torch.Generator().manual_seed(9)
+    d, n = 8, 10
+    args = (torch.randint(0, 16, (n,), generator=g), torch.randint(0, 2, (n,), generator=g),
+            torch.randn(16, d, generator=g), torch.randn(2, d, generator=g), torch.rand(d, generator=g) + 0.5,
+            torch.randn(d, generator=g), 1e-12)
+    dense, rows = torch.randn(n, d, generator=g), torch.randperm(n, generator=g)
+    expected = torch.empty(n, d)
+    expected[rows] = ops.embed_layernorm(*args, dense=dense, backend="torch")
+    for out in (torch.full((d, n), float("nan")).t(), torch.full((n, 2 * d), float("nan"))[:, ::2]):
+        got = ops.embed_layernorm(*args, dense=dense, out=out, out_rows=rows, backend="auto")
+        assert got is out and torch.allclose(out, expected, rtol=0, atol=1e-6)
+    if backends.availability()["cpp"]["cpu"] is None:
+        with pytest.raises(backends.BackendUnavailable, match="out's last dim must be contiguous"):
+            ops.embed_layernorm(*args, dense=dense, out=torch.zeros(d, n).t(), out_rows=rows, backend="cpp")
 
 
 def test_explicit_backend_never_falls_back():

@@ -128,6 +128,17 @@ BAD = [
      r"'tags': lengths has 2 samples"),
     ({"nope": (torch.tensor([1]), torch.tensor([1]))}, r"unknown modality 'nope'"),
     ({"title": (torch.tensor([1]), torch.tensor([[1]]))}, r"'title': lengths must be a 1-D integer"),
+    ({"title": (torch.tensor([1]), None)}, r"'title': cannot make lengths of NoneType"),
+    ({"title": (torch.tensor([1]), ["a"])}, r"'title': cannot make lengths of list"),
+    ({"title": (torch.tensor([1], device="meta"), torch.tensor([1], device="meta"))},
+     r"'title': lengths are on the meta"),
+    ({"title": (torch.tensor(1), torch.tensor([1]))}, r"'title': values must be 1-D ids or 2-D features"),
+    # Lengths whose int64 sum wraps around to the number of values.
+    ({"title": (torch.tensor([1, 2, 3]), torch.tensor([2 ** 62] * 4 + [3]))},
+     r"'title', sample 0: length 4611686018427387904 but there are only 3 values"),
+    # Finite in fp64, infinite in the fp32 the model computes in.
+    ({"image": (torch.full((3, 6), 1e300, dtype=torch.float64), torch.tensor([1, 2]))},
+     r"'image', sample 0: features are not finite in float32"),
 ]
 
 
@@ -144,6 +155,12 @@ def test_bad_jagged_batch_raises_naming_modality_and_sample(jagged, message):
     ([{"title": [[1, 2]]}], r"'title', sample 0: ids must be 1-D"),
     ([{}, "not a dict"], r"sample 1: expected a dict"),
     ([{"title": ["a"]}], r"'title', sample 0: cannot make a tensor"),
+    # Checked per sample: concatenating would promote these into a batch that passes.
+    ([{"title": [True, False]}, {}], r"'title', sample 0: ids must be integers, got torch.bool"),
+    ([{"title": [4]}, {"title": [True, True]}], r"'title', sample 1: ids must be integers"),
+    ([{"title": [1.5]}, {}], r"'title', sample 0: ids must be integers"),
+    ([{"image": torch.ones(2, 6, dtype=torch.long)}, {}], r"'image', sample 0: dense features must be floating"),
+    ([{"image": torch.randn(2, 6)}, {"image": torch.randn(2, 5)}], r"'image', sample 1: dense features must be 2-D"),
 ])
 def test_bad_samples_raise_naming_modality_and_sample(samples, message):
     with pytest.raises(ValueError, match=message):
@@ -153,6 +170,15 @@ def test_bad_samples_raise_naming_modality_and_sample(samples, message):
 def test_bad_padded_raises():
     with pytest.raises(ValueError, match=r"'title': mask must be bool"):
         SequenceSet.from_padded(small_config(), {"title": (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))})
+    with pytest.raises(ValueError, match="from_padded takes a dict"):
+        SequenceSet.from_padded(small_config(), [1])
+
+
+def test_lengths_given_as_lists_including_no_samples():
+    batch = SequenceSet.from_jagged(small_config(), {"title": (torch.tensor([5, 6, 7]), [2, 0, 1])})
+    assert batch.lengths["title"].tolist() == [2, 0, 1] and len(batch) == 3
+    empty = SequenceSet.from_jagged(small_config(), {"title": (torch.zeros(0, dtype=torch.long), [])})
+    assert len(empty) == 0 and empty.num_elements == 0
 
 
 def test_failed_construction_leaves_inputs_untouched():
@@ -160,3 +186,6 @@ def test_failed_construction_leaves_inputs_untouched():
     with pytest.raises(ValueError):
         SequenceSet.from_jagged(small_config(), {"title": (ids, lengths)})
     assert ids.tolist() == [1, 500] and lengths.tolist() == [1, 1]
+    given = {"title": [2]}
+    SequenceSet(small_config(), {"title": torch.tensor([1, 2])}, given)
+    assert given == {"title": [2]}  # the caller's dict keeps its list

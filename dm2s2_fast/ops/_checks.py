@@ -26,6 +26,18 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def check_no_overlap(name: str, t: torch.Tensor) -> None:
+    """No two elements of ``t`` share memory (an output written in place; an expanded or
+    overlapping view would take racing writes). Each dim's stride, in increasing order, must step
+    past everything the smaller dims span."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            raise ValueError(f"{name} has overlapping elements (shape {tuple(t.shape)}, strides {tuple(t.stride())})")
+        span = stride * (size - 1) + span
+    return None
+
+
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """x [N, k], weight [f, k] and bias [f] of one float dtype and device (a linear layer's operands)."""
     check_float("x", x, 2)
@@ -33,6 +45,11 @@ def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> N
     check_float("bias", bias, 1, like=x)
     check_shape("weight", weight, (weight.shape[0], x.shape[1]))
     check_shape("bias", bias, (weight.shape[0],))
+
+
+def _check_has_data(name: str, t: torch.Tensor) -> None:
+    if t.device.type == "meta":  # offsets and indices are checked by value
+        raise ValueError(f"{name} is on the meta device: its values cannot be checked")
 
 
 def check_index(name: str, t: torch.Tensor, n: int, like: torch.Tensor, low: int, high: int) -> None:
@@ -43,6 +60,7 @@ def check_index(name: str, t: torch.Tensor, n: int, like: torch.Tensor, low: int
         raise ValueError(f"{name} must have {n} entries, got {t.numel()}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device}, expected {like.device}")
+    _check_has_data(name, t)
     if n and (int(t.min()) < low or int(t.max()) >= high):
         raise ValueError(f"{name} has entries outside [{low}, {high}): min {int(t.min())}, max {int(t.max())}")
 
@@ -53,6 +71,7 @@ def check_offsets(name: str, cu: torch.Tensor, total: int, like: torch.Tensor) -
         raise ValueError(f"{name} must be a 1-D int32 tensor of G+1 offsets")
     if cu.device != like.device:
         raise ValueError(f"{name} is on {cu.device}, expected {like.device}")
+    _check_has_data(name, cu)
     host = cu.cpu()
     if int(host[0]) != 0 or int(host[-1]) != total:
         raise ValueError(f"{name} must run from 0 to {total}, got {int(host[0])}..{int(host[-1])}")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._checks import check_float, check_index, check_shape
+from ._checks import check_float, check_index, check_no_overlap, check_shape
 
 
 def embed_layernorm(positions: torch.Tensor, type_ids: torch.Tensor, position_table: torch.Tensor,
@@ -24,6 +24,7 @@ def embed_layernorm(positions: torch.Tensor, type_ids: torch.Tensor, position_ta
     d = position_table.shape[1]
     like = position_table
     check_float("type_table", type_table, 2, like=like)
+    check_shape("type_table", type_table, (type_table.shape[0], d))
     for name, p in (("weight", weight), ("bias", bias)):
         check_float(name, p, 1, like=like)
         check_shape(name, p, (d,))
@@ -45,11 +46,21 @@ def embed_layernorm(positions: torch.Tensor, type_ids: torch.Tensor, position_ta
     if out is not None:
         check_float("out", out, 2, like=like)
         check_shape("out", out, (out.shape[0], d))
+        check_no_overlap("out", out)
         check_index("out_rows", out_rows, n, like, 0, out.shape[0])
         if n and torch.unique(out_rows).numel() != n:
             raise ValueError("out_rows must be distinct")
     return backends.call("embed_layernorm", backend, like.device, positions, type_ids, position_table,
                          type_table, weight, bias, float(eps), ids, table, dense, out, out_rows)
+
+
+def out_layout_reason(out: torch.Tensor | None, backend: str) -> str | None:
+    """Why a compiled kernel cannot write rows of ``out`` in place (None when it can): they store
+    each row with unit stride."""
+    if out is not None and out.shape[1] > 1 and out.stride(1) != 1:
+        return (f"{backend} embed_layernorm writes rows of out in place: out's last dim must be contiguous, "
+                f"got strides {tuple(out.stride())}")
+    return None
 
 
 @backends.register_kernel("embed_layernorm", "torch")

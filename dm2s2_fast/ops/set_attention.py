@@ -26,7 +26,8 @@ def set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     longest = max_group(cu_seqlens.cpu())
     if int(max_seqlen) < longest:
         raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest group ({longest})")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0  # D = 0: nothing to scale
     return backends.call("set_attention", backend, q.device, q, k, v, cu_seqlens, int(max_seqlen), scale)
 
 

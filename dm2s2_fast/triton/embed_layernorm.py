@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .. import backends
 from . import INTERPRET, cast_out, compiling, dtype_reason, triton_op, wrap
+from ..ops.embed_layernorm import out_layout_reason
 from .add_layernorm import MAX_DIM, layernorm_rows, row_config
 
 
@@ -104,9 +105,7 @@ def _supports(positions, type_ids, position_table, type_table, weight, bias, eps
         return reason
     if position_table.shape[1] > MAX_DIM:
         return f"triton embed_layernorm holds a row in registers: d <= {MAX_DIM}, got {position_table.shape[1]}"
-    if out is not None and out.stride(-1) != 1:
-        return "triton embed_layernorm writes rows of out in place: out's last dim must be contiguous"
-    return None
+    return out_layout_reason(out, "triton")
 
 
 @backends.register_kernel("embed_layernorm", "triton", supports=_supports)
