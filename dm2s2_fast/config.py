@@ -1,6 +1,7 @@
 """Model configuration: the modalities of a sample and the BERT encoder's sizes (DESIGN §1)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +67,15 @@ class DM2S2Config:
             smallest = 0 if key == "num_layers" else 1
             if not isinstance(value, int) or value < smallest:
                 raise ValueError(f"{key} must be an integer >= {smallest}, got {value!r}")
+        for key in ("mra_hidden_size", "head_hidden_size"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key} must be None (the hidden size) or an integer >= 1, got {value!r}")
+        for key in ("layer_norm_eps", "embedding_layer_norm_eps"):
+            value = getattr(self, key)
+            # eps > 0 keeps LayerNorm of a constant row finite (the CUDA-graph padding has zero rows).
+            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{key} must be a positive finite number, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"

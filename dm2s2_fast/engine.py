@@ -40,11 +40,12 @@ class FastDM2S2(nn.Module):
         device = next(model.parameters()).device
         backends.check_backend(backend, device)
         self.graphs = None
+        from .graphs import CUDAGraphRunner, check_options
+        check_options(max_graphs, bucket_steps)
         if cuda_graphs:
             if device.type != "cuda":
                 raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
-            from .graphs import CUDAGraphRunner
-            self.graphs = CUDAGraphRunner(self, max_graphs=max_graphs, steps_per_octave=bucket_steps)
+            self.graphs = CUDAGraphRunner(self, max_graphs=max_graphs, bucket_steps=bucket_steps)
         super().train(False)
 
     def train(self, mode: bool = True) -> "FastDM2S2":
@@ -74,6 +75,9 @@ class FastDM2S2(nn.Module):
             raise ValueError(f"the batch is on {batch.device} but the model is on {weight.device}; "
                              f"move one with .to()")
         if self.graphs is not None and batch.batch_size:
+            if weight.device.type != "cuda":
+                raise ValueError(f"this engine replays CUDA graphs but its model is now on {weight.device}; "
+                                 "convert it again without cuda_graphs=True to run it there")
             return self.graphs(batch)
         layout = batch.layout
         logits, r, h, alpha, beta, z = self._run(batch.values, layout)

@@ -16,11 +16,13 @@ The padded batch is a valid layout of a larger batch (every op's contract holds 
   than ``PAD_GROUP`` because of padding;
 - segments: the real ones, the pad segments, then zero-length ones up to a fixed count, all owned by
   the last sample (zero-length segments pool to z = 0 on every backend);
-- per modality: the real values, then entries (id 0, zero features, position 0) that all write the
-  last pad row, up to a power of two.
+- per modality: the real values, then pad entries at position 0 that all write the last pad row, up
+  to a power of two (their ids and features are whatever an earlier batch left there: valid ids
+  and finite features, since every batch was validated).
 
-Pad rows start at zero, so everything computed from them stays finite: a pad row can never put a
-NaN into a real row, even in kernels that mask by multiplying by zero. Real outputs come first in
+Pad rows start at zero or at the embedding of a valid entry, so everything computed from them stays
+finite (LayerNorm of a zero row is its bias, with eps > 0, which the config requires): a pad row
+can never put a NaN into a real row, even in kernels that mask by multiplying by zero. Real outputs come first in
 every output and are sliced out (and copied, since the next replay overwrites the graph's buffers).
 """
 from __future__ import annotations
@@ -39,13 +41,13 @@ from .sequence_set import HostPlan, SequenceSet
 PAD_GROUP = 64  # the most pad rows in one pad group/segment; also the floor of the max-length caps
 
 
-def geometric_step(x: int, steps_per_octave: int) -> int:
-    """The bucket spacing around ``x``: ``steps_per_octave`` sizes per power of two."""
-    return max(1, 1 << max(0, x.bit_length() - 1 - int(math.log2(steps_per_octave))))
+def geometric_step(x: int, bucket_steps: int) -> int:
+    """The bucket spacing around ``x``: ``bucket_steps`` sizes per power of two."""
+    return max(1, 1 << max(0, x.bit_length() - 1 - int(math.log2(bucket_steps))))
 
 
-def round_geometric(x: int, steps_per_octave: int) -> int:
-    step = geometric_step(x, steps_per_octave)
+def round_geometric(x: int, bucket_steps: int) -> int:
+    step = geometric_step(x, bucket_steps)
     return -(-x // step) * step
 
 
@@ -85,15 +87,15 @@ def _max(a: np.ndarray) -> int:
     return int(a.max()) if a.size else 0
 
 
-def bucket_for(plan: HostPlan, steps_per_octave: int = 4) -> Bucket:
+def bucket_for(plan: HostPlan, bucket_steps: int = 4) -> Bucket:
     """The bucket of a batch (given its ``layout.host`` plan)."""
     # N + 1 rows at least: the pad entries of the embeddings need a pad row to write.
-    num_elements = round_geometric(plan.num_elements + 1, steps_per_octave)
+    num_elements = round_geometric(plan.num_elements + 1, bucket_steps)
     return Bucket(
         num_elements=num_elements,
         batch_slots=next_pow2(plan.lengths.shape[0]),
         # pad rows = num_elements - N <= the step at N + 1 <= the step at num_elements
-        pad_slots=-(-geometric_step(num_elements, steps_per_octave) // PAD_GROUP),
+        pad_slots=-(-geometric_step(num_elements, bucket_steps) // PAD_GROUP),
         modality_rows=tuple(next_pow2(int(t)) for t in plan.lengths.sum(0)),
         max_seqlen_set=max(PAD_GROUP, next_pow2(_max(plan.totals))),
         max_seqlen_segment=max(PAD_GROUP, next_pow2(_max(plan.lengths))),
@@ -222,49 +224,100 @@ class _Graph:
     outputs: PackedOutputs
 
 
+def check_options(max_graphs: int, bucket_steps: int) -> None:
+    """The graph options of ``FastDM2S2``, checked whether or not graphs are on."""
+    if not isinstance(max_graphs, int) or max_graphs < 1:
+        raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
+    if bucket_steps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"bucket_steps must be 1, 2, 4, 8 or 16, got {bucket_steps!r}")
+
+
+# Bumped whenever any module anywhere (re)registers a parameter, buffer or submodule (``model.head =
+# ...``, ``load_state_dict(assign=True)``): the runners then re-collect their model's tensors. Moves
+# that keep the Parameter objects (``.to()``, ``.half()``) show in their data pointers instead.
+_registrations = 0
+
+
+def _registered(*_args):
+    global _registrations
+    _registrations += 1
+
+
+def _watch_registrations() -> None:
+    """Install the global hooks that count registrations (once, when the first runner is made)."""
+    global _watching
+    if not _watching:
+        hooks = torch.nn.modules.module
+        hooks.register_module_parameter_registration_hook(_registered)
+        hooks.register_module_buffer_registration_hook(_registered)
+        hooks.register_module_module_registration_hook(_registered)
+        _watching = True
+
+
+_watching = False
+# torch.cuda.graph captures on one process-wide side stream: one capture at a time, all runners.
+_CAPTURE_LOCK = threading.Lock()
+
+
 class CUDAGraphRunner:
     """Runs ``engine`` by graph replay, one graph per bucket (LRU, at most ``max_graphs``).
 
     All graphs share one memory pool: they run one at a time on the current stream, so each one's
     intermediates may reuse another's. A graph holds the parameters' addresses: in-place updates
-    (``load_state_dict``, ``copy_``) are seen by the next replay; when the parameters move (the
-    model's ``.to()``) every graph is dropped and recaptured; ``clear()`` drops them by hand.
-    Calls may come from several threads and streams: they run one at a time, each on its caller's
-    stream after the previous call's work. ``stats`` counts captures, replays and evictions.
+    (``load_state_dict``, ``copy_``) are seen by the next replay; when any parameter or buffer moves
+    or is replaced (``.to()``, ``.half()`` of a submodule, a new ``nn.Parameter``) every graph is
+    dropped and recaptured; ``clear()`` drops them by hand. Calls may come from several threads and
+    streams: they run one at a time, each on its caller's stream after the previous call's work, on
+    the model's device whatever the current one. ``stats`` counts captures, replays and evictions.
     """
 
-    def __init__(self, engine, max_graphs: int = 32, steps_per_octave: int = 4):
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
-        if steps_per_octave not in (1, 2, 4, 8, 16):
-            raise ValueError(f"steps_per_octave must be 1, 2, 4, 8 or 16, got {steps_per_octave}")
+    def __init__(self, engine, max_graphs: int = 32, bucket_steps: int = 4):
+        check_options(max_graphs, bucket_steps)
+        _watch_registrations()
         self.engine = engine
         self.max_graphs = max_graphs
-        self.steps_per_octave = steps_per_octave
+        self.bucket_steps = bucket_steps
         self.stats = {"captures": 0, "replays": 0, "evictions": 0}
         self._graphs: OrderedDict[Bucket, _Graph] = OrderedDict()
         self._pool = None
-        self._captured_on = None  # where the parameters were when the graphs were captured
-        self._lock = threading.Lock()
-        self._done = torch.cuda.Event()  # the last call's work, output copies included, is queued
+        self._tensors: list = []  # the model's parameters and buffers, as of ``_seen``
+        self._seen = -1
+        self._captured_on = None  # their addresses when the graphs were captured
+        self._lock = threading.RLock()
+        self._done = None  # an event: the last call's work, output copies included, is queued
 
     def clear(self) -> None:
         """Drop every graph (and their memory pool); the next batches capture anew."""
-        self._graphs.clear()
-        self._pool = None
+        with self._lock:
+            self._drop_wait()
+            self._graphs.clear()
+            self._pool = None
+
+    def _drop_wait(self) -> None:
+        # Replays queued on other streams may still read the buffers about to be freed.
+        if self._done is not None:
+            self._done.synchronize()
+
+    def _addresses(self) -> list:
+        if self._seen != _registrations:
+            model = self.engine.model
+            self._tensors = list(model.parameters()) + list(model.buffers())
+            self._seen = _registrations
+        return [t.data_ptr() for t in self._tensors]  # a new dtype or device is a new allocation
 
     def __call__(self, batch: SequenceSet) -> DM2S2Output:
+        device = batch.device  # the model's: the engine checked
         # One call at a time (the buffers are shared), and on the device after the previous call's
         # output copies, whichever thread and stream that call came from.
-        with self._lock:
-            stream = torch.cuda.current_stream()
-            stream.wait_event(self._done)
-            weight = self.engine.model.embeddings.word.weight  # .to() moves every parameter: one tells
-            where = (weight.data_ptr(), weight.dtype, weight.device)
+        with self._lock, torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device)
+            where = self._addresses()
             if where != self._captured_on:
-                self.clear()
+                self.clear()  # waits for the last call's work; the model may be on another device now
+                self._done = torch.cuda.Event()
                 self._captured_on = where
-            bucket = bucket_for(batch.layout.host, self.steps_per_octave)
+            stream.wait_event(self._done)
+            bucket = bucket_for(batch.layout.host, self.bucket_steps)
             entry = self._graphs.get(bucket)
             if entry is None:
                 entry = self._capture(bucket, batch)
@@ -278,24 +331,35 @@ class CUDAGraphRunner:
             return out
 
     def _capture(self, bucket: Bucket, batch: SequenceSet) -> _Graph:
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
-            self.stats["evictions"] += 1
         engine = self.engine
+        caller = torch.cuda.current_stream()
         padded = PaddedBatch(bucket, engine.config, _value_dtypes(engine), batch.device)
         padded.fill(batch)
         # Warm up off the capture: Triton compiles, cuBLAS picks its kernels and workspace.
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(caller)
         with torch.cuda.stream(side):
             engine._run(padded.values, padded, zero_rows=True)
-        torch.cuda.current_stream().wait_stream(side)
+        caller.wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads of a server may keep using the GPU while this one captures.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            outputs = PackedOutputs(engine._run(padded.values, padded, zero_rows=True))
+        try:
+            # thread_local: other threads of a server may keep using the GPU while this one captures.
+            with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                outputs = PackedOutputs(engine._run(padded.values, padded, zero_rows=True))
+        except Exception as exc:
+            # The graphs already captured stay; this bucket is tried again on its next batch. If the
+            # capture's end failed, torch.cuda.graph left this thread on its capture stream.
+            torch.cuda.set_stream(caller)
+            raise RuntimeError(f"CUDA-graph capture failed for {bucket} (the {len(self._graphs)} graphs "
+                               f"captured before are kept): {type(exc).__name__}: {exc}") from exc
+        # Evict only now, so that a bucket whose capture fails (out of memory) costs no healthy graph.
+        if len(self._graphs) >= self.max_graphs:
+            self._drop_wait()
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)
+                self.stats["evictions"] += 1
         entry = self._graphs[bucket] = _Graph(padded, graph, outputs)
         self.stats["captures"] += 1
         return entry

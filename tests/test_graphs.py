@@ -100,8 +100,33 @@ def test_bucket_errors():
         convert(model, "torch", cuda_graphs=True)
     with pytest.raises(ValueError, match="max_graphs"):
         CUDAGraphRunner(object(), max_graphs=0)
-    with pytest.raises(ValueError, match="steps_per_octave"):
-        CUDAGraphRunner(object(), steps_per_octave=3)
+    with pytest.raises(ValueError, match="bucket_steps"):
+        CUDAGraphRunner(object(), bucket_steps=3)
+    # The options are checked whether or not graphs are on.
+    with pytest.raises(ValueError, match="bucket_steps must be 1, 2, 4, 8 or 16, got 3"):
+        convert(model, "torch", bucket_steps=3)
+    with pytest.raises(ValueError, match="max_graphs must be an integer >= 1, got 0"):
+        convert(model, "torch", max_graphs=0)
+
+
+def test_runner_sees_every_parameter_that_moves_or_is_replaced():
+    """Graphs hold addresses: a runner drops them when any parameter's storage changes (a moved
+    submodule, a new Parameter object, a new submodule), not when values change in place."""
+    model = random_model(small_config(), 3)
+    runner = CUDAGraphRunner(convert(model, "torch"))  # no CUDA work until a call
+    before = runner._addresses()
+    assert len(before) == len(list(model.parameters())) + len(list(model.buffers()))
+    with torch.no_grad():
+        model.head.out.weight.mul_(2.0)  # in place: the graphs read the new values
+    assert runner._addresses() == before
+    model.embeddings.dense["image"].double()  # one submodule's storage only
+    moved = runner._addresses()
+    assert moved != before
+    model.head.out.weight = torch.nn.Parameter(model.head.out.weight.detach().clone())
+    replaced = runner._addresses()
+    assert replaced != moved
+    model.head.hidden = torch.nn.Linear(model.head.hidden.in_features, model.head.hidden.out_features)
+    assert runner._addresses() != replaced
 
 
 # ------------------------------------------------------------------------------ padded forward
@@ -217,6 +242,9 @@ def test_graph_replay_matches_eager(backend, dtype, attention):
     model.to(moved)  # new storage for every parameter: the graphs must be recaptured
     _assert_matches(graphed(third), eager(third), FP32_TOL if moved == torch.float32 else 2e-2, "after .to()")
     assert graphed.graphs.stats["captures"] == captures + 1
+    model.cpu()  # graphs cannot follow it there: a clear error, not a stale replay
+    with pytest.raises(ValueError, match="replays CUDA graphs but its model is now on cpu"):
+        graphed(third.to("cpu"))
 
 
 def test_graph_replay_on_the_ads_batch():

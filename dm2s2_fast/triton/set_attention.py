@@ -16,7 +16,9 @@ Tiling for the workload (groups of 20-200 rows, head dim 32, 12 heads):
   (row-block, head) over the *packed* rows, so one program takes several short groups at once.
   Each row finds its group by a binary search of ``cu_seqlens``; the program streams k/v over the
   union of its rows' groups and masks every score to ``same group``. No q row is padding and no
-  program is idle; the cost is the masked cross-group part of the union.
+  program is idle; the cost is the masked cross-group part of the union. A neighbouring group's v
+  rows enter P·V with weight 0, so they must be finite (0·NaN is NaN): the engine's are (validated
+  inputs, LayerNorm eps > 0), including the CUDA-graph padding's.
 
 ``DM2S2_TRITON_ATTN="mode,BLOCK_M,BLOCK_N,num_warps,num_stages"`` (e.g. ``group,64,64,4,2``)
 overrides the choice, for tuning on a GPU.
