@@ -62,4 +62,4 @@ print("CPU-only by design:", ", ".join(sorted(set(missing) & cpu_only)) or "none
 EOF
 
 echo "== tests (torch 2.11, Triton 3.6)"
-DM2S2_FAST_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning
+DM2S2_FAST_REQUIRE_EXTENSION=1 DM2S2_FAST_REQUIRE_TEST_EXTRAS=1 "$PY" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning

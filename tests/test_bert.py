@@ -9,9 +9,19 @@ import torch
 from dm2s2_fast import DM2S2Config, Modality, SequenceSet, convert
 from dm2s2_fast.reference import DM2S2
 
-from conftest import FP32_TOL, rel_err
+from conftest import FP32_TOL, rel_err, skip_unless_required
 
-transformers = pytest.importorskip("transformers", reason="transformers is a test extra: pip install .[test]")
+try:
+    import transformers
+except ImportError as exc:
+    transformers = None
+    _MISSING = f"{exc} (a test extra: pip install .[test])"
+
+
+@pytest.fixture(autouse=True)
+def _needs_transformers():
+    if transformers is None:
+        skip_unless_required("transformers", _MISSING)
 
 
 def make_checkpoint(tmp_path, safe: bool = True):

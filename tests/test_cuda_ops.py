@@ -25,6 +25,7 @@ import os
 import pytest
 import torch
 
+from conftest import rel_err
 from dm2s2_fast import backends
 from dm2s2_fast.ops.add_layernorm import add_layernorm_torch
 from dm2s2_fast.ops.bias_gelu import bias_gelu_torch
@@ -69,13 +70,6 @@ def _kernel(op: str):
 
 
 # ------------------------------------------------------------------ helpers
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    denom = ref.norm().item()
-    diff = (out - ref).norm().item()
-    return diff / denom if denom > 0 else diff
-
-
 def check(out: torch.Tensor, ref64: torch.Tensor, ref_in_dtype: torch.Tensor | None, in_dtype: torch.dtype,
           what: str) -> None:
     """out vs the fp64 oracle; for half inputs the bound is 2x the torch kernel's own error."""
@@ -84,11 +78,11 @@ def check(out: torch.Tensor, ref64: torch.Tensor, ref_in_dtype: torch.Tensor | N
     assert bool(torch.isfinite(out).all()), f"{what}: non-finite output (unwritten or NaN)"
     if out.numel() == 0:
         return
-    err = rel(out, ref64)
+    err = rel_err(out, ref64)
     if in_dtype == torch.float32:
         tol, how = FP32_TOL, "fp32"
     else:
-        e_ref = rel(ref_in_dtype, ref64)
+        e_ref = rel_err(ref_in_dtype, ref64)
         tol, how = min(HALF_CAP, max(2 * e_ref, FP32_TOL)), f"2x torch-in-{in_dtype} ({e_ref:.2e})"
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.3e} [{how}]"  # NaN fails too
 

@@ -35,7 +35,7 @@ SHAPES = [(0, 8, 12), (5, 0, 12), (1, 16, 24), (37, 24, 40), (130, 96, 160)]
 
 
 def _bound(out_err_in_dtype: float, dtype: torch.dtype) -> float:
-    return FP32_TOL if dtype == torch.float32 else min(2e-2, max(2 * out_err_in_dtype, 1e-3))
+    return FP32_TOL if dtype == torch.float32 else min(2e-2, max(2 * out_err_in_dtype, FP32_TOL))
 
 
 def _rand(*shape, g, scale=1.0):

@@ -21,6 +21,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def cases():
     for device in ("cpu", "cuda"):
         for backend in ("torch", "cpp", "triton", "cuda"):
+            if (device, backend) in (("cpu", "cuda"), ("cuda", "cpp")):
+                continue  # never possible: cuda kernels need a GPU, cpp ones a CPU
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 if device == "cpu" and dtype != torch.float32:
                     continue  # DESIGN §5: fp32 everywhere on CPU
@@ -50,7 +52,7 @@ def test_engine_backend_matches_reference(device, backend, dtype, attention):
     else:
         with torch.no_grad():
             own = moved(batch.to(device))  # the reference itself in this dtype
-        bounds = {f: min(2e-2, max(2 * rel_err(getattr(own, f).float().cpu(), getattr(oracle, f)), 1e-3))
+        bounds = {f: min(2e-2, max(2 * rel_err(getattr(own, f).float().cpu(), getattr(oracle, f)), FP32_TOL))
                   for f in FIELDS}
     for field in FIELDS:
         err = rel_err(getattr(out, field).float().cpu(), getattr(oracle, field))

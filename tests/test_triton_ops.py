@@ -24,6 +24,7 @@ import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+from conftest import rel_err, skip_unless_required  # noqa: E402
 from dm2s2_fast import backends, ops  # noqa: E402
 
 INTERPRET = backends.triton_interpret()
@@ -71,22 +72,14 @@ dtype_param = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 
 # ----------------------------------------------------------------------------------------- parity
 
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    denom = ref.norm()
-    diff = (out - ref).norm()
-    return float(diff / denom) if denom > 0 else float(diff)
-
-
 def check(name: str, out: torch.Tensor, ref64: torch.Tensor, own: torch.Tensor, dtype: torch.dtype) -> float:
     """``out`` vs the fp64 reference; ``own`` is the reference run in ``dtype``. Returns the error."""
     assert torch.isfinite(out).all(), f"{name}: output holds NaN/inf (unwritten or overflowed)"
-    err = rel(out, ref64)
+    err = rel_err(out, ref64)
     if dtype == torch.float32:
         bound = 1e-5
     else:
-        bound = min(2e-2, max(2 * rel(own, ref64), 1e-5))
+        bound = min(2e-2, max(2 * rel_err(own, ref64), 1e-5))
     assert err <= bound, f"{name} [{dtype}]: rel err {err:.2e} > bound {bound:.2e}"
     return err
 
@@ -477,7 +470,7 @@ def test_backend_loads_where_it_should():
         pytest.skip("no CUDA device and TRITON_INTERPRET is off")
     reason = backends.why_not("triton", "add_layernorm", "cpu" if INTERPRET else "cuda")
     if reason and "not importable" in reason:
-        pytest.skip(reason)
+        skip_unless_required("triton", reason)
     assert reason is None, reason
 
 
