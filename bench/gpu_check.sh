@@ -5,11 +5,15 @@
 # gpu_ops.log, bench.log, and results.tgz (junit.xml, bench/, gpu_ops.json, gpu_linear.json,
 # serving.json, ncu.log and the other logs).
 # Usage there: bash bench/gpu_check.sh; STAGES="build tests" picks stages (and their order); each stage has its own
-# time limit (LIMIT_<stage> overrides) and a failure does not stop the rest; BENCH_ARGS replaces the
-# model benchmark's size/provider arguments. Stage times (H200, 2026-11-30 runs; the rest estimated):
-# build 47 s, tests 92 s for the first three files (~150-200 with the graph and fused-GEMM tests),
-# gpu_ops 33 s (+ the new variants' compiles), bench ~120, gpu_linear <60, ncu <90, serving <70:
-# more than the 540 s deadline, so the last stages may need the second call.
+# time limit (LIMIT_<stage> overrides) and a failure does not stop the rest, except a failed build, which
+# ends the run (everything after it would time torch/Triton alone); a call without the build stage checks
+# that the extension with its CUDA kernels loads and builds it first when not (a fresh machine).
+# A stage is not started with less than its MIN_<stage> seconds left: its results are written at its
+# end, so a cut stage returns nothing. BENCH_ARGS replaces the model benchmark's size/provider arguments.
+# Stage times (H200, 2026-11-30 runs; the rest estimated): build 47 s, tests 92 s for the first three
+# files (~150-200 with the graph and fused-GEMM tests), gpu_ops 33 s (60-70 with the new variants'
+# compiles), bench ~120, gpu_linear <60, ncu <90, serving <70: more than the 540 s deadline, so the
+# last stages need the second call.
 set -uo pipefail
 OUT=${OUT:-/tmp/dm2s2_gpu_out}
 mkdir -p "$OUT"
@@ -26,31 +30,46 @@ SUMMARY="$OUT/summary.txt"
 # 600 s per call, with time left to pack results.tgz); a stage's limit is cut to what is left.
 DEADLINE=${DEADLINE:-540}
 stage() {  # stage NAME DEFAULT_LIMIT_S LOG COMMAND...
-  local name=$1 limit_var="LIMIT_$1" log=$3
-  local limit=${!limit_var:-$2}
+  local name=$1 limit_var="LIMIT_$1" min_var="MIN_$1" log=$3
+  local limit=${!limit_var:-$2} min=${!min_var:-15}
   shift 3
   local left=$((DEADLINE - SECONDS))
-  if (( left < 15 )); then
-    echo "== $name: not run (the script's ${DEADLINE} s deadline)" | tee -a "$SUMMARY"
+  if (( left < min )); then
+    echo "== $name: not run ($left s left of the script's ${DEADLINE} s deadline; it needs $min)" | tee -a "$SUMMARY"
     return 124
   fi
   (( limit > left )) && limit=$left
   local start=$SECONDS
-  timeout "$limit" "$@" >> "$log" 2>&1
+  # -k: a process that ignores SIGTERM (a hung kernel) is killed 10 s later, so the call still ends
+  # with results.tgz packed.
+  timeout -k 10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc in $((SECONDS - start)) s (limit $limit s, log $(basename "$log"))" | tee -a "$SUMMARY"
   return $rc
 }
 
 { date -u; nvidia-smi; nvcc --version; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
+# Minimum seconds left to start a stage (its usual time: a cut stage writes nothing).
+: "${MIN_tests:=120}" "${MIN_gpu_ops:=50}" "${MIN_bench:=90}" "${MIN_gpu_linear:=45}" "${MIN_ncu:=60}" "${MIN_serving:=50}"
+BUILD_FAILED=0
 run_build() {
   stage build 240 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+  local rc=$?
   grep -E "error|Error|CUDA kernels" "$OUT/build.log" | head -20 >> "$SUMMARY"
   stage info 60 "$OUT/build.log" "$PY" -m dm2s2_fast info
   tail -16 "$OUT/build.log" >> "$SUMMARY"
+  if (( rc != 0 )) || ! cuda_kernels_load; then
+    echo "== build: the extension with its CUDA kernels does not load; the other stages are not run" | tee -a "$SUMMARY"
+    BUILD_FAILED=1
+  fi
+}
+cuda_kernels_load() {
+  "$PY" -c "import sys; from dm2s2_fast import _extension as e
+sys.exit(0 if e.load() is None and e.has_kernel('set_attention', 'CUDA') else 1)" >> "$OUT/build.log" 2>&1
 }
 run_tests() {
-  stage tests 200 "$OUT/tests.log" env DM2S2_FAST_REQUIRE_CUDA=1 "$PY" -m pytest -q -rs -p no:cacheprovider \
+  # -rfEs: the failures' names (for the summary's grep) as well as the skips' reasons
+  stage tests 200 "$OUT/tests.log" env DM2S2_FAST_REQUIRE_CUDA=1 "$PY" -m pytest -q -rfEs -p no:cacheprovider \
     --junitxml="$OUT/junit.xml" tests/test_triton_ops.py tests/test_cuda_ops.py tests/test_model_backends.py \
     tests/test_linear_ops.py tests/test_triton_linear.py tests/test_graphs.py tests/test_sequence_set.py
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 >> "$SUMMARY"
@@ -58,12 +77,13 @@ run_tests() {
 }
 run_gpu_ops() {
   stage gpu_ops 120 "$OUT/gpu_ops.log" "$PY" bench/gpu_ops.py --out "$OUT/gpu_ops.json"
-  tail -40 "$OUT/gpu_ops.log" >> "$SUMMARY"
+  sed -n '/^ads B=/,$p' "$OUT/gpu_ops.log" | head -90 >> "$SUMMARY"  # the results table, whole
 }
 run_bench() {
   # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
   stage bench 200 "$OUT/bench.log" "$PY" bench/report.py --device cuda ${BENCH_ARGS:---sizes 256,1,64,16 --deadline 110 --providers $BENCH_PROVIDERS} --out-dir "$OUT/bench"
-  tail -30 "$OUT/bench.log" >> "$SUMMARY"
+  sed -n '/^## Median latency/,/^## B = /p' "$OUT/bench.log" | head -30 >> "$SUMMARY"
+  tail -2 "$OUT/bench.log" >> "$SUMMARY"
 }
 run_gpu_linear() {  # fused GEMM epilogues vs cuBLAS + the separate epilogue kernel
   stage gpu_linear 90 "$OUT/gpu_linear.log" "$PY" bench/gpu_linear.py --out "$OUT/gpu_linear.json"
@@ -82,11 +102,17 @@ run_serving() {  # per-request latency, eager vs CUDA graphs, a different batch 
     --out "$OUT/serving.json"
   tail -20 "$OUT/serving.log" >> "$SUMMARY"
 }
+case " $STAGES " in
+  *" build "*) ;;
+  *) cuda_kernels_load || { echo "== preflight: the CUDA extension does not load here; building it first" | tee -a "$SUMMARY"
+                            run_build; } ;;
+esac
 for name in $STAGES; do
   if ! declare -F "run_$name" > /dev/null; then
     echo "== $name: unknown stage (known: build tests gpu_ops bench gpu_linear ncu serving)" | tee -a "$SUMMARY"
     continue
   fi
+  (( BUILD_FAILED )) && { echo "== $name: not run (no working build)" | tee -a "$SUMMARY"; continue; }
   "run_$name"
 done
 KEEP="junit.xml bench gpu_ops.json gpu_linear.json gpu_linear.log serving.json serving.log ncu.log"
