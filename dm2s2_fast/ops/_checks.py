@@ -5,6 +5,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_float(name: str, t: torch.Tensor, ndim: int, like: torch.Tensor | None = None) -> None:
@@ -24,6 +25,18 @@ def check_float(name: str, t: torch.Tensor, ndim: int, like: torch.Tensor | None
 def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_scalar(name: str, value, nonnegative: bool = False) -> float:
+    """A finite real within fp32's range (the kernels take their scalars as fp32), as a float."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if not abs(f) <= _FLOAT32_MAX or (nonnegative and f < 0):
+        raise ValueError(f"{name} must be a finite{' non-negative' if nonnegative else ''} number within fp32's "
+                         f"range, got {value!r}")
+    return f
 
 
 def check_no_overlap(name: str, t: torch.Tensor) -> None:

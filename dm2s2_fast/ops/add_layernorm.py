@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._checks import check_float, check_shape
+from ._checks import check_float, check_scalar, check_shape
 
 
 def add_layernorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -17,7 +17,7 @@ def add_layernorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     for name, p in (("weight", weight), ("bias", bias)):
         check_float(name, p, 1, like=x)
         check_shape(name, p, (x.shape[1],))
-    return backends.call("add_layernorm", backend, x.device, x, residual, weight, bias, float(eps))
+    return backends.call("add_layernorm", backend, x.device, x, residual, weight, bias, check_scalar("eps", eps, nonnegative=True))
 
 
 @backends.register_kernel("add_layernorm", "torch")

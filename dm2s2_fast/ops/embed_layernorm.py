@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._checks import check_float, check_index, check_no_overlap, check_shape
+from ._checks import check_float, check_index, check_no_overlap, check_scalar, check_shape
 
 
 def embed_layernorm(positions: torch.Tensor, type_ids: torch.Tensor, position_table: torch.Tensor,
@@ -51,7 +51,7 @@ def embed_layernorm(positions: torch.Tensor, type_ids: torch.Tensor, position_ta
         if n and torch.unique(out_rows).numel() != n:
             raise ValueError("out_rows must be distinct")
     return backends.call("embed_layernorm", backend, like.device, positions, type_ids, position_table,
-                         type_table, weight, bias, float(eps), ids, table, dense, out, out_rows)
+                         type_table, weight, bias, check_scalar("eps", eps, nonnegative=True), ids, table, dense, out, out_rows)
 
 
 def out_layout_reason(out: torch.Tensor | None, backend: str) -> str | None:

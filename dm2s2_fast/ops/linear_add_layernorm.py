@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._checks import check_float, check_linear, check_shape
+from ._checks import check_float, check_linear, check_scalar, check_shape
 from .add_layernorm import add_layernorm_torch
 
 
@@ -24,7 +24,7 @@ def linear_add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         check_float(name, p, 1, like=x)
         check_shape(name, p, (d,))
     return backends.call("linear_add_layernorm", backend, x.device, x, weight, bias, residual, ln_weight,
-                         ln_bias, float(eps))
+                         ln_bias, check_scalar("eps", eps, nonnegative=True))
 
 
 def composed(add_layernorm_kernel):

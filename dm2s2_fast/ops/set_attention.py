@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._checks import check_float, check_offsets, max_group
+from ._checks import check_float, check_offsets, check_scalar, max_group
 
 
 def set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -28,6 +28,7 @@ def set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
         raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest group ({longest})")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0  # D = 0: nothing to scale
+    scale = check_scalar("scale", scale)
     return backends.call("set_attention", backend, q.device, q, k, v, cu_seqlens, int(max_seqlen), scale)
 
 
