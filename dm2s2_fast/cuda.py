@@ -22,6 +22,17 @@ from .ops.linear_bias_gelu import composed as composed_linear_bias_gelu
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+MAX_ROWS = 2 ** 31 - 4097  # set attention and MRA: int32 row counters step up to 4096 past the end
+MAX_WIDTH = 2 ** 30  # LayerNorm and GELU rows: int32 column indices
+
+
+def _extent_reason(op: str, rows: int = 0, width: int = 0) -> str | None:
+    """Why the cuda kernel cannot take this many rows or this row width (None when it can)."""
+    if rows > MAX_ROWS:
+        return f"the cuda {op} takes up to {MAX_ROWS} rows, got {rows}"
+    if width > MAX_WIDTH:
+        return f"the cuda {op} takes rows of up to {MAX_WIDTH} elements, got {width}"
+    return None
 
 
 def _unavailable_reason() -> str | None:
@@ -71,7 +82,7 @@ def _ops():
 
 # ------------------------------------------------------------------ set_attention
 def _set_attention_supports(q, k, v, cu_seqlens, max_seqlen, scale):
-    reason = _why_not(q, k, v)
+    reason = _why_not(q, k, v) or _extent_reason("set_attention", rows=q.shape[0])
     if reason is None and q.dim() == 3 and q.shape[-1] > MAX_HEAD_DIM:
         reason = f"the cuda set_attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}"
     return reason
@@ -84,12 +95,14 @@ def set_attention_cuda(q, k, v, cu_seqlens, max_seqlen, scale):
 
 # ------------------------------------------------------------------ epilogues
 @backends.register_kernel("add_layernorm", "cuda",
-                          supports=lambda x, residual, weight, bias, eps: _why_not(x, residual, weight, bias))
+                          supports=lambda x, residual, weight, bias, eps:
+                              _why_not(x, residual, weight, bias) or _extent_reason("add_layernorm", width=x.shape[-1]))
 def add_layernorm_cuda(x, residual, weight, bias, eps):
     return _ops().add_layernorm(x, residual, weight, bias, float(eps))
 
 
-@backends.register_kernel("bias_gelu", "cuda", supports=lambda x, bias: _why_not(x, bias))
+@backends.register_kernel("bias_gelu", "cuda",
+                          supports=lambda x, bias: _why_not(x, bias) or _extent_reason("bias_gelu", width=x.shape[-1]))
 def bias_gelu_cuda(x, bias):
     return _ops().bias_gelu(x, bias)
 
@@ -108,7 +121,8 @@ backends.register_kernel(
 
 def _embed_supports(positions, type_ids, position_table, type_table, weight, bias, eps, ids, table, dense,
                     out, out_rows):
-    return _why_not(position_table, type_table, weight, bias, table, dense, out) or out_layout_reason(out, "cuda")
+    return (_why_not(position_table, type_table, weight, bias, table, dense, out) or out_layout_reason(out, "cuda")
+            or _extent_reason("embed_layernorm", width=position_table.shape[-1]))
 
 
 @backends.register_kernel("embed_layernorm", "cuda", supports=_embed_supports)
@@ -117,27 +131,30 @@ def embed_layernorm_cuda(positions, type_ids, position_table, type_table, weight
     if out is None:
         n = positions.shape[0]
         out = position_table.new_empty((n, position_table.shape[1]))
-        out_rows = torch.arange(n, dtype=torch.int32, device=position_table.device)
+        out_rows = torch.arange(n, dtype=torch.int64, device=position_table.device)  # int32 wraps past 2^31
     _ops().embed_layernorm(positions, type_ids, position_table, type_table, weight, bias, float(eps), ids,
                            table, dense, out, out_rows)
     return out
 
 
 # ------------------------------------------------------------------ IntraMRA / InterMRA
-@backends.register_kernel("intra_mra", "cuda", supports=lambda h, cu, W, c, v: _why_not(h, W, c, v))
+@backends.register_kernel("intra_mra", "cuda", supports=lambda h, cu, W, c, v:
+                          _why_not(h, W, c, v) or _extent_reason("intra_mra", rows=h.shape[0]))
 def intra_mra_cuda(h, cu_seqlens_segment, W, c, v):
     z, alpha = _ops().intra_mra(h, cu_seqlens_segment, W, c, v)
     return z, alpha
 
 
-@backends.register_kernel("inter_mra", "cuda", supports=lambda z, cu, U, g, u: _why_not(z, U, g, u))
+@backends.register_kernel("inter_mra", "cuda", supports=lambda z, cu, U, g, u:
+                          _why_not(z, U, g, u) or _extent_reason("inter_mra", rows=z.shape[0]))
 def inter_mra_cuda(z, cu_segments, U, g, u):
     r, beta = _ops().inter_mra(z, cu_segments, U, g, u)
     return r, beta
 
 
 @backends.register_kernel("mra_pool", "cuda",
-                          supports=lambda h, cu1, cu2, W, c, v, U, g, u: _why_not(h, W, c, v, U, g, u))
+                          supports=lambda h, cu1, cu2, W, c, v, U, g, u:
+                              _why_not(h, W, c, v, U, g, u) or _extent_reason("mra_pool", rows=h.shape[0]))
 def mra_pool_cuda(h, cu_seqlens_segment, cu_segments, W, c, v, U, g, u):
     z, r, alpha, beta = _ops().mra_pool(h, cu_seqlens_segment, cu_segments, W, c, v, U, g, u)
     return z, r, alpha, beta

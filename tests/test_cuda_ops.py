@@ -413,6 +413,24 @@ def test_intra_mra(dtype, segments, d, a):
     check(alpha, a64, ar, dtype, f"intra_mra alpha {segments} d={d} a={a} {dtype}")
 
 
+def test_intra_mra_shared_memory_across_sizes():
+    """The score kernel's shared memory depends on the row count (its column split); the limit set
+    for a larger call must survive a smaller one in between (10000 rows: 50688 B, 5000: 49664 B),
+    and a wide W (a = 17792: 139 chunks, prime, so one split would hold them all) must stay inside
+    the 227 KB block limit."""
+    dtype = torch.bfloat16
+    for N, d, a in ((10000, 384, 384), (5000, 384, 384), (10000, 384, 384), (40000, 64, 17792)):
+        g = gen(N + a)
+        h = randn(N, d, g=g, dtype=dtype)
+        cu = offsets([N // 2, N - N // 2])
+        W, c, v = _scorer(a, d, g, dtype)
+        z, alpha = _kernel("intra_mra")(h, cu, W, c, v)
+        z64, a64 = intra_mra_torch(h.double(), cu, W.double(), c.double(), v.double())
+        zr, ar = intra_mra_torch(h, cu, W, c, v)
+        check(z, z64, zr, dtype, f"intra_mra z N={N} a={a}")
+        check(alpha, a64, ar, dtype, f"intra_mra alpha N={N} a={a}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("samples", [[2, 0, 3, 1, 4], [1], [0, 0], [], [4] * 300])
 def test_inter_mra(dtype, samples):

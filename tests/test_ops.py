@@ -171,6 +171,10 @@ def test_epilogues_torch():
                                  torch.ones(4), torch.zeros(4), 1e-12, dense=torch.randn(1, 4),
                                  out=torch.empty(3, 4), out_rows=torch.tensor([0], device="meta")),
      "out_rows is on meta, expected cpu"),
+    (lambda: (lambda out: ops.embed_layernorm(
+        torch.tensor([0, 1]), torch.tensor([0, 0]), torch.randn(8, 4), torch.randn(2, 4), torch.ones(4),
+        torch.zeros(4), 1e-12, dense=out[:2], out=out, out_rows=torch.tensor([1, 0])))(torch.randn(3, 4)),
+     "out shares memory with dense"),
     (lambda: ops.bias_gelu(torch.ones(3, 4, dtype=torch.int64), torch.ones(4, dtype=torch.int64)),
      "x must be a float tensor"),
     (lambda: ops.inter_mra(torch.randn(3, 4), torch.tensor([0, 2, 2], dtype=torch.int32), torch.randn(5, 4),

@@ -28,6 +28,9 @@ namespace {
 using dm2s2::DType;
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+// The set-attention and MRA kernels step int32 row counters up to 4096 past the last row (block
+// strides): rows stop that far short of 2^31 (dm2s2_fast/cuda.py's MAX_ROWS, which auto checks).
+constexpr int64_t kMaxRows = kInt32Max - 4096;
 
 DType dtype_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -110,7 +113,7 @@ at::Tensor set_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
   const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
   at::Tensor out = at::empty({N, H, D}, q.options());
   if (N == 0 || H == 0 || D == 0) return out;
-  TORCH_CHECK(N <= kInt32Max, "dm2s2_fast (cuda): set_attention takes up to 2^31-1 rows, got ", N);
+  TORCH_CHECK(N <= kMaxRows, "dm2s2_fast (cuda): set_attention takes up to 2^31-4097 rows, got ", N);
   TORCH_CHECK(D <= 256, "dm2s2_fast (cuda): set_attention supports head_dim <= 256, got ", D);
 
   dm2s2::AttnArgs a;
@@ -291,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> score_and_pool(const at::Tensor& x_in, const 
   const DType dt = dtype_of(x_in, x_name);
   TORCH_CHECK(x_in.dim() == 2, "dm2s2_fast (cuda): ", x_name, " must be 2-D, got ", x_in.sizes());
   const int64_t rows = x_in.size(0), d = x_in.size(1);
-  TORCH_CHECK(rows <= kInt32Max, "dm2s2_fast (cuda): up to 2^31-1 rows, got ", rows);
+  TORCH_CHECK(rows <= kMaxRows, "dm2s2_fast (cuda): up to 2^31-4097 rows, got ", rows);
   const at::Tensor cu = offsets_int32(cu_in, cu_name, x_in);
   check_cuda(W_in, "W", x_in);
   check_same_dtype(W_in, "W", x_in);

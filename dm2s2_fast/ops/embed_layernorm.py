@@ -50,6 +50,12 @@ def embed_layernorm(positions: torch.Tensor, type_ids: torch.Tensor, position_ta
         check_index("out_rows", out_rows, n, like, 0, out.shape[0])
         if n and torch.unique(out_rows).numel() != n:
             raise ValueError("out_rows must be distinct")
+        # The kernels read inputs while other threads write rows of out: no input may live there.
+        out_storage = out.untyped_storage().data_ptr()
+        for name, t in (("dense", dense), ("table", table), ("position_table", position_table),
+                        ("type_table", type_table), ("weight", weight), ("bias", bias)):
+            if t is not None and t.numel() and t.untyped_storage().data_ptr() == out_storage:
+                raise ValueError(f"out shares memory with {name}; give a separate output buffer")
     return backends.call("embed_layernorm", backend, like.device, positions, type_ids, position_table,
                          type_table, weight, bias, check_scalar("eps", eps, nonnegative=True), ids, table, dense, out, out_rows)
 

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(256) bias_gelu_kernel(const T* __restrict__ x,
                                                         int64_t rows_per_block) {
   const int cv = blockIdx.x * blockDim.x + threadIdx.x;
   if (cv >= ncv) return;
-  const int col = cv * VEC;
+  const int64_t col = static_cast<int64_t>(cv) * VEC;  // cv < 2^30, but cv * VEC may pass 2^31
   float b[VEC];
   load_vec<T, VEC>(bias + col, b);
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_block;

@@ -11,9 +11,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <map>
 #include <mutex>
-#include <set>
-#include <tuple>
+#include <utility>
 
 #include "launchers.h"
 
@@ -185,20 +185,22 @@ inline int device_sm_count() {
     if (dm2s2_err_ != cudaSuccess) return dm2s2_err_; \
   } while (0)
 
-// Raise a kernel's dynamic shared-memory limit when it needs more than the default 48 KB; done
-// once per (kernel, device, size).
+// Raise a kernel's dynamic shared-memory limit when it needs more than the default 48 KB. The
+// attribute is a per-(kernel, device) value that a smaller call would lower again, so it only ever
+// grows: a launch that needs less than the largest size set so far is already allowed.
 inline cudaError_t allow_dynamic_smem_impl(const void* func, size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
   int dev = 0;
   DM2S2_RETURN_IF_ERROR(cudaGetDevice(&dev));
   static std::mutex mu;
-  static std::set<std::tuple<const void*, int, size_t>> done;
-  const auto key = std::make_tuple(func, dev, bytes);
+  static std::map<std::pair<const void*, int>, size_t> allowed;
+  const auto key = std::make_pair(func, dev);
   std::lock_guard<std::mutex> lock(mu);
-  if (done.count(key)) return cudaSuccess;
+  const auto it = allowed.find(key);
+  if (it != allowed.end() && it->second >= bytes) return cudaSuccess;
   const cudaError_t err =
       cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (err == cudaSuccess) done.insert(key);
+  if (err == cudaSuccess) allowed[key] = bytes;
   return err;
 }
 template <typename Kernel>

@@ -346,9 +346,19 @@ ScorePlan mra_score_plan(DType dt, const void* x, int64_t x_rs, int64_t rows, in
     }
   }
   if (want > 65535) want = 65535;
-  const int64_t cpb = (nchunks + want - 1) / want;
+  // A split's c and v sit in shared memory (2 floats per column): at most kMaxChunksPerSplit chunks
+  // keep the block inside the 227 KB opt-in limit (128-row tiles: 96 KB + 64 KB). Wider W (a >
+  // 8192) takes more splits; past grid.y's 65535 the caller's cuBLAS path does it.
+  constexpr int64_t kMaxChunksPerSplit = 64;
+  int64_t cpb = (nchunks + want - 1) / want;
+  if (cpb > kMaxChunksPerSplit) cpb = kMaxChunksPerSplit;
+  const int64_t nsplit = (nchunks + cpb - 1) / cpb;
+  if (nsplit > 65535) {
+    plan.tensor_cores = false;
+    return plan;
+  }
   plan.chunks_per_split = static_cast<int>(cpb);
-  plan.nsplit = static_cast<int>((nchunks + cpb - 1) / cpb);
+  plan.nsplit = static_cast<int>(nsplit);
   return plan;
 }
 
