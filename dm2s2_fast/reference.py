@@ -168,7 +168,8 @@ class DM2S2(nn.Module):
     def load_bert(self, path: str | os.PathLike) -> "DM2S2":
         """Load encoder, word, position and type tables from a Hugging Face BERT checkpoint directory.
 
-        Modality m takes BERT's token-type row m where one exists; the others keep their init.
+        Modality m takes BERT's token-type row m where one exists; the others are drawn as BERT
+        draws them, N(0, the checkpoint's initializer_range) (DESIGN §1).
         """
         cfg = self.config
         with open(os.path.join(path, "config.json")) as f:
@@ -180,13 +181,16 @@ class DM2S2(nn.Module):
         if wrong:
             raise ValueError("checkpoint and config disagree (checkpoint, config): "
                              + ", ".join(f"{k}={a}/{b}" for k, (a, b) in wrong.items()))
-        if hf.get("hidden_act", "gelu") != "gelu":
+        if hf.get("model_type", "bert") != "bert":  # e.g. RoBERTa: same keys, other position ids
+            raise ValueError(f"only BERT checkpoints load; this one is {hf['model_type']!r}")
+        if hf.get("hidden_act", "gelu") not in ("gelu", "gelu_python"):  # both exact erf in transformers
             raise ValueError(f"only exact-erf GELU BERTs load; the checkpoint uses {hf['hidden_act']!r}")
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only absolute position embeddings are supported")
-        if abs(hf.get("layer_norm_eps", 1e-12) - cfg.layer_norm_eps) > 1e-15:
-            raise ValueError(f"checkpoint layer_norm_eps {hf.get('layer_norm_eps')} differs from the "
-                             f"config's {cfg.layer_norm_eps}")
+        for key in ("layer_norm_eps", "embedding_layer_norm_eps"):  # BERT has one eps for every LayerNorm
+            if abs(hf.get("layer_norm_eps", 1e-12) - getattr(cfg, key)) > 1e-15:
+                raise ValueError(f"checkpoint layer_norm_eps {hf.get('layer_norm_eps', 1e-12)} differs from "
+                                 f"the config's {key} {getattr(cfg, key)}")
         state = _read_checkpoint(path)
         prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
 
@@ -210,6 +214,7 @@ class DM2S2(nn.Module):
         types = take("embeddings.token_type_embeddings.weight")
         rows = min(types.shape[0], cfg.num_modalities)
         emb.token_type.weight[:rows].copy_(types[:rows])
+        emb.token_type.weight[rows:].normal_(0.0, float(hf.get("initializer_range", 0.02)))
         emb.layer_norm.weight.copy_(take("embeddings.LayerNorm.weight"))
         emb.layer_norm.bias.copy_(take("embeddings.LayerNorm.bias"))
         for i, layer in enumerate(self.layers):

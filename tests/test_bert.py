@@ -24,15 +24,20 @@ def _needs_transformers():
         skip_unless_required("transformers", _MISSING)
 
 
-def make_checkpoint(tmp_path, safe: bool = True):
-    hf_config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        intermediate_size=48, max_position_embeddings=40, hidden_act="gelu")
+def make_checkpoint(tmp_path, safe: bool = True, **overrides):
+    hf_config = transformers.BertConfig(**{**dict(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=48,
+                                                  max_position_embeddings=40, hidden_act="gelu"), **overrides})
     torch.manual_seed(0)
     bert = transformers.BertModel(hf_config, add_pooling_layer=False).eval()
     with torch.no_grad():  # move every weight off its init so a missed load shows
         for p in bert.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    bert.save_pretrained(tmp_path, safe_serialization=safe)
+    bert.save_pretrained(tmp_path)
+    if not safe:  # transformers 5 writes safetensors whatever safe_serialization says
+        for f in tmp_path.glob("*.safetensors"):
+            f.unlink()
+        torch.save(bert.state_dict(), tmp_path / "pytorch_model.bin")
     return bert
 
 
@@ -63,25 +68,32 @@ def test_loaded_model_reproduces_bert_hidden_states(tmp_path, safe):
     assert rel_err(fast, theirs) <= FP32_TOL
 
 
-def test_type_rows_beyond_bert_keep_their_init(tmp_path):
-    bert = make_checkpoint(tmp_path)
-    model = DM2S2(our_config())
-    before = model.embeddings.token_type.weight[2].clone()
+def test_type_rows_beyond_bert_are_drawn_as_bert_draws_them(tmp_path):
+    """DESIGN §1: rows past BERT's two come from N(0, the checkpoint's initializer_range)."""
+    bert = make_checkpoint(tmp_path, initializer_range=0.5)
+    model = DM2S2(our_config(modalities=our_config().modalities + tuple(
+        Modality(f"more{i}", "categorical", num_embeddings=3) for i in range(30))))
     model.load_bert(tmp_path)
     types = bert.embeddings.token_type_embeddings.weight
     assert torch.equal(model.embeddings.token_type.weight[:2], types)
-    assert torch.equal(model.embeddings.token_type.weight[2], before)
+    extra = model.embeddings.token_type.weight[2:]
+    assert extra.shape == (31, 32) and 0.45 < float(extra.detach().std()) < 0.55  # 992 draws: ±5 % ~ 2 sigma, seeded
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path):
     make_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="hidden_size=32/64"):
         DM2S2(our_config(hidden_size=64, num_heads=4)).load_bert(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["hidden_act"] = "relu"
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="GELU"):
-        DM2S2(our_config()).load_bert(tmp_path)
+    with pytest.raises(ValueError, match="embedding_layer_norm_eps"):
+        DM2S2(our_config(embedding_layer_norm_eps=1e-5)).load_bert(tmp_path)
+    original = json.loads((tmp_path / "config.json").read_text())
+    for change, message in (({"hidden_act": "relu"}, "GELU"), ({"hidden_act": "gelu_new"}, "GELU"),
+                            ({"model_type": "roberta"}, "only BERT checkpoints")):
+        (tmp_path / "config.json").write_text(json.dumps({**original, **change}))
+        with pytest.raises(ValueError, match=message):
+            DM2S2(our_config()).load_bert(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**original, "hidden_act": "gelu_python"}))
+    DM2S2(our_config()).load_bert(tmp_path)  # exact erf too
 
 
 def test_directory_without_weights_is_refused(tmp_path):
