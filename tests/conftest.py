@@ -10,9 +10,6 @@ import torch
 # Without a GPU, Triton kernels run only in its interpreter; set it before anything imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# cuBLAS is deterministic with a fixed workspace; the poisoning fixture below turns on torch's
-# deterministic mode, which otherwise warns at every GEMM on CUDA.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from dm2s2_fast import DM2S2Config, Modality, SequenceSet
 from dm2s2_fast.reference import DM2S2
@@ -20,10 +17,17 @@ from dm2s2_fast.reference import DM2S2
 @pytest.fixture(autouse=True)
 def poison_uninitialized_memory():
     """While a test runs, every new tensor that torch leaves uninitialized — ``torch.empty`` in the
-    Triton launchers, ``at::empty`` in the C++/CUDA ops — is filled with NaN (integers with their
+    Triton launchers, ``at::empty`` in the C++ ops — is filled with NaN (integers with their
     largest value): an output element a kernel never writes fails the parity checks (which reject
     NaN) instead of passing with whatever the allocator handed back. (torch's deterministic mode;
-    ``warn_only`` so that a nondeterministic op only warns.)"""
+    ``warn_only`` so that a nondeterministic op only warns.)
+
+    Only where there is no GPU: on CUDA, deterministic mode swaps in other kernels for some torch
+    ops (index_put_, scatter), which could break graph capture and the no-sync test; there the CUDA
+    tests poison their outputs explicitly, and the Triton kernels are the ones CI checks here."""
+    if torch.cuda.is_available():
+        yield
+        return
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.utils.deterministic.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True, warn_only=True)
