@@ -107,15 +107,22 @@ case " $STAGES " in
   *) cuda_kernels_load || { echo "== preflight: the CUDA extension does not load here; building it first" | tee -a "$SUMMARY"
                             run_build; } ;;
 esac
+run_fuzz() {  # not in the default list: the randomized config sweep on the GPU backends (each new head dim
+  # is a Triton compile: minutes); for a session with device time to spare
+  stage fuzz 300 "$OUT/fuzz.log" env DM2S2_FAST_REQUIRE_CUDA=1 "$PY" -m pytest -q -rfEs -p no:cacheprovider \
+    tests/test_fuzz_configs.py -k cuda
+  grep -E "^(FAILED|ERROR)" "$OUT/fuzz.log" | head -20 >> "$SUMMARY"
+  tail -1 "$OUT/fuzz.log" >> "$SUMMARY"
+}
 for name in $STAGES; do
   if ! declare -F "run_$name" > /dev/null; then
-    echo "== $name: unknown stage (known: build tests gpu_ops bench gpu_linear ncu serving)" | tee -a "$SUMMARY"
+    echo "== $name: unknown stage (known: build tests gpu_ops bench gpu_linear ncu serving fuzz)" | tee -a "$SUMMARY"
     continue
   fi
   (( BUILD_FAILED )) && { echo "== $name: not run (no working build)" | tee -a "$SUMMARY"; continue; }
   "run_$name"
 done
-KEEP="junit.xml bench gpu_ops.json gpu_linear.json gpu_linear.log serving.json serving.log ncu.log"
+KEEP="junit.xml bench gpu_ops.json gpu_linear.json gpu_linear.log serving.json serving.log ncu.log fuzz.log"
 # shellcheck disable=SC2046,SC2086  # word lists on purpose
 tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls -d $KEEP 2>/dev/null) 2>/dev/null
 # shellcheck disable=SC2086
