@@ -172,6 +172,58 @@ def test_set_attention_degenerate(device, lengths):
         torch.testing.assert_close(out, q, rtol=1e-6, atol=1e-6)
 
 
+@device_param
+def test_set_attention_odd_arguments(device):
+    """Valid but unusual calls: offsets read through a strided view, a max_seqlen far above the
+    longest group (its q-block index once overflowed int32 in the kernel), and a scale whose log2
+    form leaves fp32 (declined, so auto falls back)."""
+    q, k, v, cu, max_len = _attn_inputs("long-d32", device, torch.float32, seed=2)
+    ref64 = ops.set_attention(*map(to64, (q, k, v, cu)), max_len, backend="torch")
+    strided_cu = torch.stack([cu, torch.full_like(cu, 7)], 1)[:, 0]
+    assert not strided_cu.is_contiguous()
+    for offsets, bound in ((strided_cu, max_len), (cu, 2 ** 31 - 1)):
+        out = ops.set_attention(q, k, v, offsets, bound, backend="triton")
+        check("set_attention odd call", out, ref64, ref64, torch.float32)
+    with pytest.raises(backends.BackendUnavailable, match="scale"):
+        ops.set_attention(q, k, v, cu, max_len, 3e38, backend="triton")
+
+
+@device_param
+def test_mra_odd_arguments(device):
+    """Offsets and score vectors through strided or expanded views are read as their values; score
+    widths past the unrolled partial-sum limit are declined with the reason."""
+    MP = triton_module("mra_pool")
+    h, cu_seg, cu_smp, W, c, v, U, gg, u = _mra_inputs("ragged", device, torch.float32, seed=4)
+    z64, a64 = ops.intra_mra(*map(to64, (h, cu_seg, W, c, v)), backend="torch")
+    strided = [torch.stack([t, torch.zeros_like(t)], 1)[:, 0] for t in (cu_seg, c, v)]
+    z, alpha = ops.intra_mra(h, strided[0], W, strided[1], strided[2], backend="triton")
+    check("intra_mra.z strided", z, z64, z64, torch.float32)
+    check("intra_mra.alpha strided", alpha, a64, a64, torch.float32)
+    const_c = torch.tensor(0.3, device=device).expand(c.shape[0])
+    z, alpha = ops.intra_mra(h, cu_seg, W, const_c, v, backend="triton")
+    z64, a64 = ops.intra_mra(*map(to64, (h, cu_seg, W, const_c.contiguous(), v)), backend="torch")
+    check("intra_mra.z expanded c", z, z64, z64, torch.float32)
+    wide = torch.randn(MP.MAX_SCORE_WIDTH + 1, h.shape[1], device=device)
+    ones = torch.ones(wide.shape[0], device=device)
+    with pytest.raises(backends.BackendUnavailable, match="score widths"):
+        ops.intra_mra(h, cu_seg, wide, ones, ones, backend="triton")
+    r, beta = ops.inter_mra(z, cu_smp, U, gg, u, backend="triton")
+    r64, b64 = ops.inter_mra(*map(to64, (z, cu_smp, U, gg, u)), backend="torch")
+    check("inter_mra.r", r, r64, r64, torch.float32)
+
+
+@pytest.mark.parametrize("name,spec", [
+    ("DM2S2_TRITON_ATTN", "group,8,16,4,2"), ("DM2S2_TRITON_ATTN", "group,64,48,4,2"),
+    ("DM2S2_TRITON_ATTN", "group,64,64,3,2"), ("DM2S2_TRITON_ATTN", "tiles"),
+    ("DM2S2_TRITON_MRA", "tile:64,8,32,4,2"), ("DM2S2_TRITON_MRA", "tile:a,b")])
+def test_forced_configs_that_cannot_compile_are_refused(name, spec, monkeypatch):
+    SA, MP = triton_module("set_attention"), triton_module("mra_pool")
+    monkeypatch.setenv(name, spec)
+    with pytest.raises(ValueError, match=name):
+        (SA.pick_config(100, 4, 30, 32, torch.float32) if name == "DM2S2_TRITON_ATTN"
+         else MP.tile_config(torch.float32, 100, 32, 32))
+
+
 def test_pick_config():
     pick_config = triton_module("set_attention").pick_config
 

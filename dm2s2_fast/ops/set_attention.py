@@ -15,7 +15,9 @@ def set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     """Softmax attention of each row of q over the k/v rows of its own group, none across groups.
 
     q, k, v: [N, H, D] (last dim contiguous); cu_seqlens: [G+1] int32 group offsets from 0 to N;
-    max_seqlen: the longest group. Returns [N, H, D] in q's dtype.
+    max_seqlen: the longest group. Returns [N, H, D] in q's dtype. Inputs are assumed finite (not
+    checked: a pass over them would cost as much as the op); a NaN or inf in one group may reach
+    other groups' outputs on backends that tile several groups together (Triton's packed mode).
     """
     check_float("q", q, 3)
     check_float("k", k, 3, like=q)

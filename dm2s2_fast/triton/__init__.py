@@ -75,6 +75,14 @@ backends.register_backend("triton", DEVICES, UNAVAILABLE)
 COMPILE_UNAVAILABLE: "str | None" = None
 
 
+def valid_tiles(*blocks: int, warps: int, stages: int) -> bool:
+    """A forced (tuning) config compiles: tile sides powers of two >= 16 (tl.dot's minimum), warps a
+    power of two up to 32, at least one stage."""
+    def pow2(x: int) -> bool:
+        return x > 0 and x & (x - 1) == 0
+    return all(b >= 16 and pow2(b) for b in blocks) and pow2(warps) and warps <= 32 and stages >= 1
+
+
 def dtype_reason(*tensors) -> "str | None":
     """The common ``supports`` check: every given tensor is fp32, fp16 or bf16 (None is skipped)."""
     import torch

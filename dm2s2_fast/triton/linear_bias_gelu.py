@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .. import backends
 from ..ops.linear_bias_gelu import composed
-from . import INTERPRET, cast_out, compiling, dtype_reason, mma, sm_count, triton_op, wrap
+from . import INTERPRET, cast_out, compiling, dtype_reason, mma, sm_count, triton_op, valid_tiles, wrap
 from .bias_gelu import bias_gelu_triton
 
 LINEAR_ENV = "DM2S2_TRITON_LINEAR"
@@ -39,14 +39,6 @@ _MODE_CACHE: dict = {}
 _MODE_HELP = (f"{LINEAR_ENV} must be 'composed', 'fused', 'fused-gelu' or 'fused[-gelu],BLOCK_M,BLOCK_N,"
               "BLOCK_K,num_warps,num_stages' (BLOCK_* powers of two >= 16, num_warps a power of two <= 32, "
               "num_stages >= 1)")
-
-
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
-def _valid_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> bool:
-    return all(b >= 16 and _pow2(b) for b in (bm, bn, bk)) and _pow2(warps) and warps <= 32 and stages >= 1
 
 
 def linear_mode() -> Tuple[str, Optional[Tuple[int, int, int, int, int]]]:
@@ -64,7 +56,7 @@ def linear_mode() -> Tuple[str, Optional[Tuple[int, int, int, int, int]]]:
                 forced = tuple(int(s) for s in fields)
             except ValueError:
                 raise ValueError(f"{_MODE_HELP}, got {spec!r}") from None
-            if len(forced) != 5 or not _valid_config(*forced):
+            if len(forced) != 5 or not valid_tiles(*forced[:3], warps=forced[3], stages=forced[4]):
                 raise ValueError(f"{_MODE_HELP}, got {spec!r}")
         _MODE_CACHE[spec] = (mode, forced)
     return _MODE_CACHE[spec]

@@ -49,9 +49,13 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from . import INTERPRET, cast_out, compiling, dtype_reason, mma, sm_count, tanh_f32, triton_op, wrap
+from . import INTERPRET, cast_out, compiling, dtype_reason, mma, sm_count, tanh_f32, triton_op, valid_tiles, wrap
 
 MAX_DIM = 1024  # d (the pooled width) held whole in registers; BERT-large's 1024 is the limit
+# Score columns (W's rows, a): the pooling kernels sum a row's cdiv(a, BLOCK_A) partial scores in an
+# unrolled loop; 4096 (32 partials at bf16's 128 columns, 64 at fp32's 64) builds without spills on
+# sm_90, 128 partials spill and 782 did not compile in 15 minutes.
+MAX_SCORE_WIDTH = 4096
 SEG_TILE = 16  # segments scored per tl.dot in the fused kernel (tl.dot needs M >= 16)
 
 
@@ -134,7 +138,7 @@ def _load_scores(SC, rows, ok, part_stride, N_PART: tl.constexpr):
     """Σ_j SC[j * part_stride + rows] (fixed order: deterministic); -inf where not ``ok``."""
     s = tl.load(SC + rows, mask=ok, other=0.0)
     for j in tl.static_range(1, N_PART):
-        s += tl.load(SC + j * part_stride + rows, mask=ok, other=0.0)
+        s += tl.load(SC + j * part_stride.to(tl.int64) + rows, mask=ok, other=0.0)  # int32 wraps at 2^31
     return tl.where(ok, s, float("-inf"))
 
 
@@ -296,8 +300,12 @@ def _mode():
             raise ValueError(f"DM2S2_TRITON_MRA mode must be one of {MODES}, got {mode!r}")
         forced = None
         if cfg:
-            forced = tuple(int(t) for t in cfg.split(","))
-            if len(forced) != 5 or mode == "rows":
+            try:
+                forced = tuple(int(t) for t in cfg.split(","))
+            except ValueError:
+                forced = ()
+            if len(forced) != 5 or mode == "rows" or not valid_tiles(*forced[:3], warps=forced[3],
+                                                                      stages=forced[4]):
                 raise ValueError("DM2S2_TRITON_MRA tile config is 'tile:BLOCK_N,BLOCK_A,BLOCK_K,"
                                  f"num_warps,num_stages', got {spec!r}")
         _MODE_CACHE[spec] = (mode, forced)
@@ -422,13 +430,15 @@ def _score_mode() -> str:
 def _intra_launch(h: torch.Tensor, cu_seqlens_segment: torch.Tensor, W: torch.Tensor, c: torch.Tensor,
                   v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     h, W = _last_contiguous(h), _last_contiguous(W)
-    return _group_pool(h, cu_seqlens_segment, *_scores(h, W, c, v, _score_mode()))
+    cu, c, v = (t.contiguous() for t in (cu_seqlens_segment, c, v))  # the kernels read them with unit stride
+    return _group_pool(h, cu, *_scores(h, W, c, v, _score_mode()))
 
 
 def _inter_launch(z: torch.Tensor, cu_segments: torch.Tensor, U: torch.Tensor, g: torch.Tensor,
                   u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     z, U = _last_contiguous(z), _last_contiguous(U)
-    return _group_pool(z, cu_segments, *_scores(z, U, g, u, _score_mode()))
+    cu, g, u = (t.contiguous() for t in (cu_segments, g, u))
+    return _group_pool(z, cu, *_scores(z, U, g, u, _score_mode()))
 
 
 def _fused_launch(h: torch.Tensor, cu_seqlens_segment: torch.Tensor, cu_segments: torch.Tensor,
@@ -440,6 +450,8 @@ def _fused_launch(h: torch.Tensor, cu_seqlens_segment: torch.Tensor, cu_segments
         r, beta = _inter_launch(z, cu_segments, U, g, u)
         return z, r, alpha, beta
     h, W, U = _last_contiguous(h), _last_contiguous(W), _last_contiguous(U)
+    cu_seqlens_segment, cu_segments, c, v, g, u = (t.contiguous() for t in (cu_seqlens_segment, cu_segments,
+                                                                           c, v, g, u))
     n, dim = h.shape
     segments = cu_seqlens_segment.numel() - 1
     samples = cu_segments.numel() - 1
@@ -466,25 +478,27 @@ _inter_op = triton_op("inter_mra")(_inter_launch)
 _fused_op = triton_op("mra_pool")(_fused_launch)
 
 
-def _reason(x, *params) -> Optional[str]:
+def _reason(x, *params, widths=()) -> Optional[str]:
     reason = dtype_reason(x, *params)
     if reason:
         return reason
     if x.shape[1] > MAX_DIM:
         return f"triton MRA kernels hold a row of d <= {MAX_DIM} in registers, got d = {x.shape[1]}"
+    if max(widths, default=0) > MAX_SCORE_WIDTH:
+        return f"triton MRA kernels take score widths a <= {MAX_SCORE_WIDTH}, got {max(widths)}"
     return None
 
 
 def _supports_intra(h, cu_seqlens_segment, W, c, v):
-    return _reason(h, W, c, v)
+    return _reason(h, W, c, v, widths=(W.shape[0],))
 
 
 def _supports_inter(z, cu_segments, U, g, u):
-    return _reason(z, U, g, u)
+    return _reason(z, U, g, u, widths=(U.shape[0],))
 
 
 def _supports_fused(h, cu_seqlens_segment, cu_segments, W, c, v, U, g, u):
-    return _reason(h, W, c, v, U, g, u)
+    return _reason(h, W, c, v, U, g, u, widths=(W.shape[0], U.shape[0]))
 
 
 @backends.register_kernel("intra_mra", "triton", supports=_supports_intra)

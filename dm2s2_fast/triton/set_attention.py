@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from . import INTERPRET, cast_out, mma, compiling, dtype_reason, triton_op, wrap
+from . import INTERPRET, cast_out, mma, compiling, dtype_reason, triton_op, valid_tiles, wrap
 
 LOG2E = 1.4426950408889634
 
@@ -77,7 +77,7 @@ def _set_attention_kernel(
         mblock = pid % n_mblocks
         g_start = tl.load(CU + group)
         g_end = tl.load(CU + group + 1)
-        row0 = g_start + mblock * BLOCK_M
+        row0 = g_start.to(tl.int64) + mblock.to(tl.int64) * BLOCK_M  # int32 would wrap near 2^31
         if row0 >= g_end:  # this group is shorter than max_seqlen: nothing to do
             return
         rows = row0 + offs_m
@@ -131,10 +131,15 @@ def _override():
     if not spec:
         return None
     if spec not in _OVERRIDE_CACHE:
-        mode, bm, bn, warps, stages = (s.strip() for s in spec.split(","))
-        if mode not in ("group", "packed"):
-            raise ValueError(f"DM2S2_TRITON_ATTN mode must be group or packed, got {mode!r}")
-        _OVERRIDE_CACHE[spec] = (mode == "packed", int(bm), int(bn), int(warps), int(stages))
+        try:
+            mode, bm, bn, warps, stages = (s.strip() for s in spec.split(","))
+            bm, bn, warps, stages = int(bm), int(bn), int(warps), int(stages)
+        except ValueError:
+            mode = None
+        if mode not in ("group", "packed") or not valid_tiles(bm, bn, warps=warps, stages=stages):
+            raise ValueError("DM2S2_TRITON_ATTN is 'group|packed,BLOCK_M,BLOCK_N,num_warps,num_stages' (BLOCK_* "
+                             f"powers of two >= 16, num_warps a power of two <= 32, num_stages >= 1), got {spec!r}")
+        _OVERRIDE_CACHE[spec] = (mode == "packed", bm, bn, warps, stages)
     return _OVERRIDE_CACHE[spec]
 
 
@@ -176,13 +181,19 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
             max_seqlen: int, scale: float) -> torch.Tensor:
     n, heads, head_dim = q.shape
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    cu_seqlens = cu_seqlens.contiguous()  # read as CU + g
     out = torch.empty((n, heads, head_dim), dtype=q.dtype, device=q.device)
     groups = cu_seqlens.numel() - 1
     if n == 0 or heads == 0 or head_dim == 0 or groups <= 0:
         return out
+    max_seqlen = min(int(max_seqlen), n)  # a larger bound only adds idle q-blocks
     packed, bm, bn, warps, stages = pick_config(n, groups, max_seqlen, head_dim, q.dtype)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    n_mblocks = triton.cdiv(max(int(max_seqlen), 1), bm)
+    n_mblocks = triton.cdiv(max(max_seqlen, 1), bm)
+    if not packed and groups * n_mblocks > 2 ** 31 - 1:
+        # Skewed groups (a long one among many short ones): one program per q-block of every group
+        # would pass the grid's limit; packed programs cover the rows instead, cdiv(n, BLOCK_M).
+        packed = True
     if packed:
         grid = (triton.cdiv(n, bm), heads)
     else:
@@ -209,6 +220,8 @@ def _supports(q, k, v, cu_seqlens, max_seqlen, scale) -> Optional[str]:
         return f"triton set_attention supports head dim <= 256, got {q.shape[-1]}"
     if q.shape[1] > 65535:
         return f"triton set_attention supports <= 65535 heads, got {q.shape[1]}"
+    if abs(float(scale)) * LOG2E > torch.finfo(torch.float32).max:  # the kernel scales in log2 units, in fp32
+        return f"triton set_attention needs |scale| * log2(e) within fp32's range, got scale {scale}"
     return None
 
 
