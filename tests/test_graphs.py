@@ -7,8 +7,10 @@ outputs that survive the next replay, and LRU eviction.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -107,6 +109,88 @@ def test_bucket_errors():
         convert(model, "torch", bucket_steps=3)
     with pytest.raises(ValueError, match="max_graphs must be an integer >= 1, got 0"):
         convert(model, "torch", max_graphs=0)
+
+
+class _FakeCuda:
+    """torch.cuda as the runner sees it, on CPU: a 'capture' runs the forward eagerly and a replay
+    does nothing, so only the runner's own logic is exercised (buckets, LRU, failures, streams)."""
+
+    def __init__(self):
+        self.current, self.fail_capture, self.calls = "caller", False, []
+        fake = self
+
+        class Event:
+            def record(self, stream=None): fake.calls.append("record")
+            def synchronize(self): fake.calls.append("synchronize")
+
+        class Graph:
+            def replay(self): fake.calls.append("replay")
+
+        self.Event, self.CUDAGraph = Event, Graph
+
+    @staticmethod
+    def _stream(name):
+        return types.SimpleNamespace(wait_event=lambda e: None, wait_stream=lambda s: None, name=name)
+
+    def Stream(self):  # noqa: N802 - torch.cuda's name
+        return self._stream("side")
+
+    def current_stream(self, device=None):
+        return self._stream(self.current)
+
+    def graph_pool_handle(self):
+        return object()
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        yield
+
+    @contextlib.contextmanager
+    def device(self, d):
+        self.calls.append(f"device {d}")
+        yield
+
+    @contextlib.contextmanager
+    def graph(self, g, pool=None, capture_error_mode=None):
+        self.current = "capture"  # torch.cuda.graph moves the thread to its capture stream
+        yield
+        if self.fail_capture:  # as if capture_end failed: torch leaves the capture stream current
+            raise RuntimeError("capture failed")
+        self.current = "caller"
+
+    def set_stream(self, s):
+        self.current = s.name
+
+
+def test_runner_logic_with_a_simulated_cuda(monkeypatch):
+    """The GPU-only runner logic, run here: one capture per new bucket, LRU eviction only after a
+    capture succeeds, a failed capture keeps the other graphs and restores the caller's stream, a
+    replaced parameter drops every graph, and every call runs under the model's device."""
+    import dm2s2_fast.graphs as G
+    fake = _FakeCuda()
+    monkeypatch.setattr(G, "torch", types.SimpleNamespace(**{**{k: getattr(torch, k) for k in dir(torch)
+                                                                if not k.startswith("__")}, "cuda": fake}))
+    config = small_config()
+    model = random_model(config, 1)
+    runner = G.CUDAGraphRunner(convert(model, "torch"), max_graphs=2)
+    batches = [random_batch(config, B, B, max_len=30) for B in (2, 9, 40)]
+    with torch.inference_mode():
+        for i in (0, 1, 0, 2):
+            runner(batches[i])
+        assert runner.stats == {"captures": 3, "replays": 4, "evictions": 1}, runner.stats
+        assert f"device {batches[0].device}" in fake.calls
+        kept = list(runner._graphs)
+        fake.fail_capture = True
+        with pytest.raises(RuntimeError, match="CUDA-graph capture failed for Bucket"):
+            runner(batches[1])  # evicted above: a new capture, which fails
+        assert list(runner._graphs) == kept and runner.stats["evictions"] == 1
+        assert fake.current == "caller"
+        fake.fail_capture = False
+        runner(batches[1])
+        assert runner.stats["captures"] == 4 and runner.stats["evictions"] == 2  # the failure is no capture
+        model.head.out.weight = torch.nn.Parameter(model.head.out.weight.detach().clone())
+        runner(batches[1])  # every graph dropped, this one captured again
+        assert runner.stats["captures"] == 5 and len(runner._graphs) == 1
 
 
 def test_runner_sees_every_parameter_that_moves_or_is_replaced():
