@@ -53,19 +53,20 @@ CUDA_VARIANTS = {
 # Selectable triton kernels, likewise ("triton" is the default: DM2S2_TRITON_MRA=tile).
 _MRA_ROWS = ("DM2S2_TRITON_MRA", "rows", "rows")                 # the first version: 1-D row blocks
 _MRA_TILE64 = ("DM2S2_TRITON_MRA", "tile:64,128,64,4,3", "tile64")  # 64-row score tiles everywhere
-# The pooling kernel's row loop software-pipelined (BLOCK_N,num_warps,num_stages; default 16,8,1).
+# The pooling kernel's row loop (BLOCK_N,num_warps,num_stages; half-precision default at d=384
+# 32,4,3, measured fastest on the H200 on 2026-11-30; 16,8,1 the earlier default).
 _POOL_VARIANTS = [("DM2S2_TRITON_MRA_POOL", spec, f"pool{spec.replace(',', '-')}")
-                  for spec in ("16,8,3", "32,8,2", "8,4,3", "32,4,3")]
+                  for spec in ("16,8,1", "64,4,3", "32,4,4", "16,4,3", "32,2,3")]
 # set_attention tilings (DM2S2_TRITON_ATTN = mode,BLOCK_M,BLOCK_N,num_warps,num_stages); the ads
-# default is group,64,64,4,2.
+# default is group,64,32,4,2 (group,64,64,4,2 until the H200 timed both on 2026-11-30).
 _ATTN_VARIANTS = [("DM2S2_TRITON_ATTN", spec, spec.replace(",", "-"))
-                  for spec in ("group,64,64,4,3", "group,64,32,4,2", "group,32,64,4,2", "group,128,64,8,2",
-                               "group,64,64,8,2", "packed,64,64,4,2")]
+                  for spec in ("group,64,64,4,2", "group,64,32,4,3", "group,128,32,4,2", "group,128,32,8,2",
+                               "group,64,16,4,2", "group,32,32,4,2")]
 TRITON_VARIANTS = {
     "set_attention": _ATTN_VARIANTS,
     "intra_mra": [_MRA_ROWS, _MRA_TILE64] + _POOL_VARIANTS,
     "inter_mra": [_MRA_ROWS],
-    "mra_pool": [_MRA_ROWS, ("DM2S2_TRITON_MRA", "tile-fused", "tile-fused"), _MRA_TILE64],
+    "mra_pool": [_MRA_ROWS, ("DM2S2_TRITON_MRA", "tile-fused", "tile-fused"), _MRA_TILE64, _POOL_VARIANTS[0]],
 }
 VARIANTS = {"cuda": CUDA_VARIANTS, "triton": TRITON_VARIANTS}
 D_MODEL, HEADS, FFN, VOCAB, MAX_POS, MRA_DIM = 384, 12, 1536, 30522, 512, 384

@@ -38,6 +38,7 @@ import torch
 from .output import DM2S2Output
 from .sequence_set import HostPlan, SequenceSet
 
+GRAPH_DEVICE_TYPE = "cuda"  # where graphs replay (the CPU tests simulate torch.cuda and set "cpu")
 PAD_GROUP = 64  # the most pad rows in one pad group/segment; also the floor of the max-length caps
 
 
@@ -224,12 +225,15 @@ class _Graph:
     outputs: PackedOutputs
 
 
-def check_options(max_graphs: int, bucket_steps: int) -> None:
+def check_options(max_graphs: int, bucket_steps: int, graph_max_rows: int | None = None) -> None:
     """The graph options of ``FastDM2S2``, checked whether or not graphs are on."""
     if not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
     if bucket_steps not in (1, 2, 4, 8, 16):
         raise ValueError(f"bucket_steps must be 1, 2, 4, 8 or 16, got {bucket_steps!r}")
+    if graph_max_rows is not None and (isinstance(graph_max_rows, bool) or not isinstance(graph_max_rows, int)
+                                       or graph_max_rows < 1):
+        raise ValueError(f"graph_max_rows must be None or an integer >= 1, got {graph_max_rows!r}")
 
 
 # Bumped whenever any module anywhere (re)registers a parameter, buffer or submodule (``model.head =
@@ -307,6 +311,9 @@ class CUDAGraphRunner:
 
     def __call__(self, batch: SequenceSet) -> DM2S2Output:
         device = batch.device  # the model's: the engine checked
+        if device.type != GRAPH_DEVICE_TYPE:
+            raise ValueError(f"this engine replays CUDA graphs but its model is now on {device}; "
+                             "convert it again without cuda_graphs=True to run it there")
         # One call at a time (the buffers are shared), and on the device after the previous call's
         # output copies, whichever thread and stream that call came from.
         with self._lock, torch.cuda.device(device):

@@ -29,6 +29,7 @@ case "$*" in
   *report.py*) d=${@: -1}; mkdir -p "$d"; echo "## Median latency (ms)"; echo "| triton | 2.0 |";
                echo "## B = 1: ..."; echo "wrote results";;
   *gpu_linear.py*|*serving.py*) echo '{}' > "${@: -1}";;
+  *profile_model.py*) echo "## backend triton, B=1 (95 rows): host 2.6 ms"; echo '{}' > "${@: -1}";;
   *ncu_ops.py*) ;;
 esac
 """
@@ -74,14 +75,15 @@ def env(tmp_path):
 def test_all_stages_in_order_with_results_packed(env):
     summary, calls = _run(env)
     assert _stage_lines(summary) == ["build", "info", "tests", "gpu_ops", "bench", "gpu_linear", "ncu",
-                                     "serving"], summary
+                                     "serving", "profile"], summary
+    assert "## backend triton, B=1 (95 rows): host 2.6 ms" in summary
     assert "== build: rc=0" in summary and "== tests: rc=1" in summary
     assert "FAILED tests/test_x.py::test_y" in summary  # the failure is named, not only counted
     assert "ads B=256 N=1 S=1 on fake" in summary and "set_attention row" in summary  # the whole op table
     assert "| triton | 2.0 |" in summary  # the model's latency table
     with tarfile.open(Path(env["OUT"]) / "results.tgz") as tar:
         names = set(tar.getnames())
-    assert {"junit.xml", "gpu_ops.json", "gpu_linear.json", "serving.json", "bench"} <= names, names
+    assert {"junit.xml", "gpu_ops.json", "gpu_linear.json", "serving.json", "profile.json", "bench"} <= names, names
     assert any("-rfEs" in c for c in calls)
 
 

@@ -109,6 +109,32 @@ def test_bucket_errors():
         convert(model, "torch", bucket_steps=3)
     with pytest.raises(ValueError, match="max_graphs must be an integer >= 1, got 0"):
         convert(model, "torch", max_graphs=0)
+    for bad in (0, -1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="graph_max_rows must be None or an integer >= 1"):
+            convert(model, "torch", graph_max_rows=bad)
+
+
+def test_batches_past_graph_max_rows_run_eagerly(monkeypatch):
+    """A graph saves launches, not GPU time: batches of more than ``graph_max_rows`` rows skip the
+    runner (no padding) and pick auto's eager kernels; smaller ones replay; None replays all."""
+    config = small_config()
+    model = random_model(config, 2)
+    small, large = random_batch(config, 2, 0, max_len=8), random_batch(config, 30, 1, max_len=40)
+    assert small.num_elements < 100 < large.num_elements
+    engine = convert(model, "auto", graph_max_rows=100)
+    replayed = []
+    engine.graphs = lambda batch: replayed.append(batch) or "replayed"  # a runner that records
+    orders = []
+    resolve = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda *a, **k: orders.append(k["graphs"]) or resolve(*a, **k))
+    assert engine(small) == "replayed" and replayed == [small] and not orders
+    out = engine(large)
+    assert replayed == [small] and orders and not any(orders)  # eager, with the eager order
+    expected = convert(model, "auto")(large)
+    for f in FIELDS:
+        assert torch.equal(getattr(out, f), getattr(expected, f)), f
+    engine.graph_max_rows = None
+    assert engine(large) == "replayed" and replayed == [small, large]
 
 
 class _FakeCuda:
@@ -170,6 +196,7 @@ def test_runner_logic_with_a_simulated_cuda(monkeypatch):
     fake = _FakeCuda()
     monkeypatch.setattr(G, "torch", types.SimpleNamespace(**{**{k: getattr(torch, k) for k in dir(torch)
                                                                 if not k.startswith("__")}, "cuda": fake}))
+    monkeypatch.setattr(G, "GRAPH_DEVICE_TYPE", "cpu")
     config = small_config()
     model = random_model(config, 1)
     runner = G.CUDAGraphRunner(convert(model, "torch"), max_graphs=2)

@@ -229,7 +229,8 @@ def test_pick_config():
 
     # ads set attention: ~113-row samples -> per-group tiles of 64
     packed, bm, bn, warps, _ = pick_config(29000, 256, 230, 32, torch.bfloat16)
-    assert not packed and (bm, bn) == (64, 64)
+    assert not packed and (bm, bn) == (64, 32)  # 32-wide key tiles at D = 32 (the H200's fastest)
+    assert pick_config(29000, 256, 230, 64, torch.bfloat16)[1:3] == (64, 64)
     # ads modality attention: ~30-row segments (4-12 categories, up to 118 descriptions) -> packed
     packed, bm, bn, _, _ = pick_config(29000, 985, 118, 32, torch.bfloat16)
     assert packed and bm <= 32
@@ -353,14 +354,18 @@ def test_mra_pool_pipelined_variants(device, spec, dtype, monkeypatch):
 def test_mra_pool_variant_parse(monkeypatch):
     MP = triton_module("mra_pool")
 
-    monkeypatch.setenv("DM2S2_TRITON_MRA_POOL", "32,4,3")
-    assert MP._pool_launch_config(384) == (512, 32, 4, 3)
+    monkeypatch.setenv("DM2S2_TRITON_MRA_POOL", "16,8,2")
+    assert MP._pool_launch_config(384, torch.bfloat16) == (512, 16, 8, 2)
     monkeypatch.delenv("DM2S2_TRITON_MRA_POOL")
-    assert MP._pool_launch_config(384) == (512, 16, 8, 1)
+    # defaults: half precision 32 KB pipelined row blocks (the H200's fastest), fp32 unpipelined
+    assert MP._pool_launch_config(384, torch.bfloat16) == (512, 32, 4, 3)
+    assert MP._pool_launch_config(768, torch.float16) == (1024, 16, 4, 3)
+    assert MP._pool_launch_config(16, torch.float16) == (16, 64, 4, 3)
+    assert MP._pool_launch_config(384, torch.float32) == (512, 16, 8, 1)
     for bad in ("3,4,2", "16,3,2", "16,4", "x"):
         monkeypatch.setenv("DM2S2_TRITON_MRA_POOL", bad)
         with pytest.raises(ValueError, match="DM2S2_TRITON_MRA_POOL"):
-            MP._pool_launch_config(384)
+            MP._pool_launch_config(384, torch.bfloat16)
 
 
 def test_mra_tile_config():
@@ -644,8 +649,8 @@ for dt in (torch.bfloat16, torch.float32):
           Z=dt, R=dt, ALPHA=f32, BETA=f32, TSCR=f32, dim=d, width=d, stride_hn=d, stride_ua=d, stride_zn=d,
           stride_rn=d, part_stride=d), dict(BLOCK_N=bn, BLOCK_D=bd, BLOCK_A=ba, BLOCK_K=bk, BLOCK_S=16, N_PART=3,
           INTERP=False), w, 1)
-    bd, bn, w = MP._pool_config(d)
-    for bn, w, st in ((bn, w, 1), (16, 8, 3), (32, 8, 2)):  # the default and pipelined variants
+    for bn, w, st in (MP._pool_launch_config(d, dt)[1:], (16, 8, 3), (32, 8, 2)):  # the default, variants
+        bd = MP._pool_launch_config(d, dt)[0]
         build(MP._group_pool_kernel, dict(X=dt, SC=f32, CU=torch.int32, OUT=dt, WT=f32, dim=d, stride_xn=d,
               stride_on=d, part_stride=d), dict(BLOCK_N=bn, BLOCK_D=bd, N_PART=3, INTERP=False), w, st)
     bd, br, w = AL.row_config(d)

@@ -375,17 +375,21 @@ def _pool_config(dim: int):
 _POOL_CACHE: dict = {}
 
 
-def _pool_launch_config(dim: int):
+def _pool_launch_config(dim: int, dtype: torch.dtype):
     """(BLOCK_D, BLOCK_N, num_warps, num_stages) of ``_group_pool_kernel``.
 
-    ``DM2S2_TRITON_MRA_POOL="BLOCK_N,num_warps,num_stages"`` overrides the default (one stage: the
-    row loop is not software-pipelined), for timing variants on a GPU: the H200 ran intra_mra at
-    154 µs where ~30 were predicted, and the pooling loop's serial loads are one suspect.
+    bf16/fp16: 32 KB row blocks (BLOCK_N = 16384 / BLOCK_D), 4 warps, the row loop software-pipelined
+    3 deep (H200, ads B=256 bf16 d=384: intra_mra 61.7 µs against 154.6 with the unpipelined
+    16-row, 8-warp loop of ``_pool_config``, which fp32 keeps: unmeasured there, and 3 stages of fp32
+    blocks would take 192 KB of shared memory). ``DM2S2_TRITON_MRA_POOL="BLOCK_N,num_warps,num_stages"``
+    overrides it, for timing variants on a GPU.
     """
     block_d, block_n, warps = _pool_config(dim)
     spec = os.environ.get("DM2S2_TRITON_MRA_POOL", "").strip()
     if not spec:
-        return block_d, block_n, warps, 1
+        if dtype == torch.float32:
+            return block_d, block_n, warps, 1
+        return block_d, max(2, min(64, 16384 // block_d)), 4, 3
     if spec not in _POOL_CACHE:
         try:
             bn, w, st = (int(t) for t in spec.split(","))
@@ -415,7 +419,7 @@ def _group_pool(x: torch.Tensor, cu: torch.Tensor, scores: torch.Tensor, n_part:
     pooled = torch.empty((groups, dim), dtype=x.dtype, device=x.device)
     weights = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     if groups > 0:
-        block_d, block_n, warps, stages = _pool_launch_config(dim)
+        block_d, block_n, warps, stages = _pool_launch_config(dim, x.dtype)
         wrap(_group_pool_kernel)[(groups,)](
             x, scores, cu, pooled, weights, dim, x.stride(0), pooled.stride(0), x.shape[0],
             BLOCK_N=block_n, BLOCK_D=block_d, N_PART=n_part, INTERP=INTERPRET, num_warps=warps,
