@@ -108,8 +108,8 @@ case " $STAGES " in
                             run_build; } ;;
 esac
 run_profile() {  # where a forward's time goes: host per forward, kernel time, launches, top kernels
-  stage profile 120 "$OUT/profile.log" "$PY" bench/profile_model.py --device cuda --backends triton,cuda \
-    --sizes 1,256 --out "$OUT/profile.json"
+  stage profile 120 "$OUT/profile.log" "$PY" bench/profile_model.py --device cuda \
+    --backends "${PROFILE_BACKENDS:-triton,cuda,auto+graphs,triton+graphs}" --sizes 1,256 --out "$OUT/profile.json"
   grep -E "^## backend" "$OUT/profile.log" >> "$SUMMARY"
 }
 run_fuzz() {  # not in the default list: the randomized config sweep on the GPU backends (each new head dim

@@ -6,7 +6,10 @@ the summed device time of its kernels and the launches per forward, then the pro
 the ops and kernels by self device time (CUDA) or self CPU time. The benchmarks say how fast; this
 says which kernel or which host step to work on next (e.g. Triton eager: host-bound at every B?).
 
-    python bench/profile_model.py --device cuda --backends triton,cuda --sizes 1,256 --out profile.json
+    python bench/profile_model.py --device cuda --backends triton,cuda,auto+graphs --sizes 1,256 --out profile.json
+
+A backend named ``<name>+graphs`` runs with ``cuda_graphs=True`` and ``graph_max_rows=None`` (every
+size replays), to see what a replay costs beyond its kernels.
 """
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--backends", default="triton,cuda", help="comma list of engine backends")
+    ap.add_argument("--backends", default="triton,cuda", help="comma list of engine backends, each may end in +graphs")
     ap.add_argument("--sizes", default="1,256")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rows", type=int, default=25, help="rows of each table")
@@ -82,7 +85,9 @@ def main() -> int:
     for B in (int(x) for x in args.sizes.split(",")):
         batch = ads_batch(B, config, seed=B).to(device)  # fp32 features: the engine casts them
         for name in args.backends.split(","):
-            result = profile_one(convert(model, name), batch, device, args.iters, args.rows)
+            backend, _, graphs = name.partition("+")
+            options = {"cuda_graphs": True, "graph_max_rows": None} if graphs == "graphs" else {}
+            result = profile_one(convert(model, backend, **options), batch, device, args.iters, args.rows)
             print(f"\n## backend {name}, B={B} ({batch.num_elements} rows): host {result['wall_ms']:.3f} ms a "
                   f"forward, kernels {result['device_ms']} ms, launches {result['launches']}")
             print(result.pop("table"))

@@ -379,10 +379,16 @@ def test_graph_replay_on_the_ads_batch():
     config = DM2S2Config.default_ads()
     torch.manual_seed(0)
     model = DM2S2(config).eval().to(device="cuda", dtype=torch.bfloat16)
-    eager, graphed = convert(model), convert(model, cuda_graphs=True)
+    # graph_max_rows=None: B=256 (27k rows) replays too, where by default it runs eagerly
+    eager, graphed = convert(model), convert(model, cuda_graphs=True, graph_max_rows=None)
     for B in (1, 64, 256):
         batch = ads_batch(B, config, seed=B).to("cuda")
         _assert_as_accurate(graphed(batch), eager(batch), fp64_reference(model, batch), f"ads B={B}")
+    assert graphed.graphs.stats["replays"] == 3
+    default = convert(model, cuda_graphs=True)
+    default(batch)
+    assert batch.num_elements > default.graph_max_rows and default.graphs.stats["replays"] == 0
+    assert default.last_backends == eager.last_backends  # the eager kernels, not the graph order
     # auto under graphs takes the kernels of least GPU time (backends.AUTO_CUDA_GRAPH_ORDER)
     for op in graphed.last_backends:
         want = backends.resolve(op, "auto", "cuda", graphs=True)[0]
