@@ -49,7 +49,8 @@ DESCRIPTIONS = {
     "triton": "FastDM2S2 backend='triton'",
     "cuda": "FastDM2S2 backend='cuda'",
     "auto+graphs": "FastDM2S2 backend='auto', cuda_graphs=True (batch padded to its bucket, one graph replay; per op "
-                   "the kernel of least GPU time, backends.AUTO_CUDA_GRAPH_ORDER)",
+                   "the kernel of least GPU time, backends.AUTO_CUDA_GRAPH_ORDER; batches of more than "
+                   "graph_max_rows=16384 rows run eagerly)",
     "triton+graphs": "FastDM2S2 backend='triton', cuda_graphs=True",
     "cuda+graphs": "FastDM2S2 backend='cuda', cuda_graphs=True",
     "triton+fused": "FastDM2S2 backend='triton', DM2S2_TRITON_LINEAR=fused (GEMMs with fused epilogues)",
