@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
+from . import graphs as graph_replay
 from .output import DM2S2Output
 from .reference import DM2S2
 from .sequence_set import SequenceSet
@@ -45,13 +46,12 @@ class FastDM2S2(nn.Module):
         device = next(model.parameters()).device
         backends.check_backend(backend, device)
         self.graphs = None
-        from .graphs import CUDAGraphRunner, check_options
-        check_options(max_graphs, bucket_steps, graph_max_rows)
+        graph_replay.check_options(max_graphs, bucket_steps, graph_max_rows)
         self.graph_max_rows = graph_max_rows
         if cuda_graphs:
             if device.type != "cuda":
                 raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
-            self.graphs = CUDAGraphRunner(self, max_graphs=max_graphs, bucket_steps=bucket_steps)
+            self.graphs = graph_replay.CUDAGraphRunner(self, max_graphs=max_graphs, bucket_steps=bucket_steps)
         super().train(False)
 
     def train(self, mode: bool = True) -> "FastDM2S2":
@@ -80,9 +80,12 @@ class FastDM2S2(nn.Module):
         if batch.device != weight.device:
             raise ValueError(f"the batch is on {batch.device} but the model is on {weight.device}; "
                              f"move one with .to()")
-        if self.graphs is not None and batch.batch_size and (
-                self.graph_max_rows is None or batch.num_elements <= self.graph_max_rows):
-            return self.graphs(batch)
+        if self.graphs is not None and batch.batch_size:
+            if weight.device.type != graph_replay.GRAPH_DEVICE_TYPE:  # large batches included: one rule for all
+                raise ValueError(f"this engine replays CUDA graphs but its model is now on {weight.device}; "
+                                 "convert it again without cuda_graphs=True to run it there")
+            if self.graph_max_rows is None or batch.num_elements <= self.graph_max_rows:
+                return self.graphs(batch)
         layout = batch.layout
         logits, r, h, alpha, beta, z = self._run(batch.values, layout, graph_order=False)
         return DM2S2Output(logits=logits, pooled=r, hidden=h, intra_weights=alpha, inter_weights=beta,
@@ -114,8 +117,8 @@ class FastDM2S2(nn.Module):
             else:
                 ids, table, dense = values, emb.table(modality).weight, None
             op("embed_layernorm", layout.positions[m], type_ids, emb.position.weight,
-                     emb.token_type.weight, emb.layer_norm.weight, emb.layer_norm.bias,
-                     emb.layer_norm.eps, ids, table, dense, h, rows)
+               emb.token_type.weight, emb.layer_norm.weight, emb.layer_norm.bias,
+               emb.layer_norm.eps, ids, table, dense, h, rows)
 
         if cfg.attention == "set":
             cu, max_len = layout.cu_seqlens_set, layout.max_seqlen_set
@@ -128,16 +131,16 @@ class FastDM2S2(nn.Module):
             context = op("set_attention", qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, scale)
             out, norm = layer.attention_output, layer.attention_norm
             h = op("linear_add_layernorm", context.reshape(N, d), out.weight, out.bias, h,
-                         norm.weight, norm.bias, norm.eps)
+                   norm.weight, norm.bias, norm.eps)
             inner = op("linear_bias_gelu", h, layer.intermediate.weight, layer.intermediate.bias)
             out, norm = layer.output, layer.output_norm
             h = op("linear_add_layernorm", inner, out.weight, out.bias, h, norm.weight, norm.bias,
-                         norm.eps)
+                   norm.eps)
 
         intra, inter = model.intra_mra, model.inter_mra
         z, r, alpha, beta = op("mra_pool", h, layout.cu_seqlens_segment, layout.cu_segments,
-                                     intra.proj.weight, intra.proj.bias, intra.score,
-                                     inter.proj.weight, inter.proj.bias, inter.score)
+                               intra.proj.weight, intra.proj.bias, intra.score,
+                               inter.proj.weight, inter.proj.bias, inter.score)
         head = model.head
         hidden = op("linear_bias_gelu", r, head.hidden.weight, head.hidden.bias)
         logits = F.linear(hidden, head.out.weight, head.out.bias)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import FP32_TOL, fp64_reference, random_batch, random_model, rel_err, small_config
-from dm2s2_fast import backends, convert
+from dm2s2_fast import backends, convert, graphs
 from dm2s2_fast.graphs import (PAD_GROUP, Bucket, CUDAGraphRunner, PackedOutputs, PaddedBatch, bucket_for,
                                round_geometric, run_padded)
 from dm2s2_fast.ops._checks import check_offsets, max_group
@@ -122,6 +122,10 @@ def test_batches_past_graph_max_rows_run_eagerly(monkeypatch):
     small, large = random_batch(config, 2, 0, max_len=8), random_batch(config, 30, 1, max_len=40)
     assert small.num_elements < 100 < large.num_elements
     engine = convert(model, "auto", graph_max_rows=100)
+    with pytest.raises(ValueError, match="replays CUDA graphs but its model is now on cpu"):
+        engine.graphs = lambda batch: None
+        engine(large)  # large batches included
+    monkeypatch.setattr(graphs, "GRAPH_DEVICE_TYPE", "cpu")  # as if this CPU model were on CUDA
     replayed = []
     engine.graphs = lambda batch: replayed.append(batch) or "replayed"  # a runner that records
     orders = []
@@ -196,7 +200,6 @@ def test_runner_logic_with_a_simulated_cuda(monkeypatch):
     fake = _FakeCuda()
     monkeypatch.setattr(G, "torch", types.SimpleNamespace(**{**{k: getattr(torch, k) for k in dir(torch)
                                                                 if not k.startswith("__")}, "cuda": fake}))
-    monkeypatch.setattr(G, "GRAPH_DEVICE_TYPE", "cpu")
     config = small_config()
     model = random_model(config, 1)
     runner = G.CUDAGraphRunner(convert(model, "torch"), max_graphs=2)
