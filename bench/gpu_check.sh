@@ -11,8 +11,8 @@
 # A stage is not started with less than its MIN_<stage> seconds left: its results are written at its
 # end, so a cut stage returns nothing. BENCH_ARGS replaces the model benchmark's size/provider arguments.
 # Stage times (H200, session 5 of 2026-11-30, all in one call, 351 s): build 40 s, tests 140, gpu_ops 33,
-# bench 74, gpu_linear 17, ncu 14, serving 16; profile (new) est. <60. A deadline past 540 s leaves the
-# tail to a second call.
+# bench 74, gpu_linear 17, ncu 14, serving 16; profile 12 (run 2, four rows); fastlaunch (new) est.
+# 60-90: ~470 s in all. A deadline past 540 s leaves the tail to a second call.
 set -uo pipefail
 OUT=${OUT:-/tmp/dm2s2_gpu_out}
 mkdir -p "$OUT"
@@ -20,9 +20,9 @@ export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVE
 PY=${PY:-python3}
 # Stages run in this order; the deadline cuts the tail, which a second call (machine still warm, the
 # build kept) can run: STAGES="gpu_linear ncu serving".
-STAGES=${STAGES:-build tests gpu_ops bench gpu_linear ncu serving profile}
+STAGES=${STAGES:-build tests fastlaunch gpu_ops bench gpu_linear ncu serving profile}
 # The model rows the open questions need (reference, torch and nested were measured on 2026-11-30).
-BENCH_PROVIDERS=${BENCH_PROVIDERS:-floor,cuda,triton,auto+graphs,cuda+graphs,triton+graphs,triton+fused+graphs,triton+fusedgelu+graphs,hf,flex}
+BENCH_PROVIDERS=${BENCH_PROVIDERS:-floor,cuda,triton,triton+fastlaunch,auto+graphs,triton+graphs,hf,flex}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 # The whole script stops starting stages DEADLINE s in (default 540: inside the device tool's
@@ -49,7 +49,7 @@ stage() {  # stage NAME DEFAULT_LIMIT_S LOG COMMAND...
 
 { date -u; nvidia-smi; nvcc --version; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
 # Minimum seconds left to start a stage (its usual time: a cut stage writes nothing).
-: "${MIN_tests:=120}" "${MIN_gpu_ops:=50}" "${MIN_bench:=90}" "${MIN_gpu_linear:=45}" "${MIN_ncu:=60}" "${MIN_serving:=50}" "${MIN_profile:=40}"
+: "${MIN_tests:=120}" "${MIN_gpu_ops:=50}" "${MIN_bench:=90}" "${MIN_gpu_linear:=45}" "${MIN_ncu:=60}" "${MIN_serving:=50}" "${MIN_profile:=40}" "${MIN_fastlaunch:=60}"
 BUILD_FAILED=0
 run_build() {
   stage build 240 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
@@ -73,6 +73,12 @@ run_tests() {
     tests/test_linear_ops.py tests/test_triton_linear.py tests/test_graphs.py tests/test_sequence_set.py}
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 >> "$SUMMARY"
   tail -3 "$OUT/tests.log" >> "$SUMMARY"
+}
+run_fastlaunch() {  # the Triton tests again, launches through fast_launch.FastLaunch (opt-in until timed)
+  stage fastlaunch 150 "$OUT/fastlaunch.log" env DM2S2_TRITON_FAST_LAUNCH=1 DM2S2_FAST_REQUIRE_CUDA=1 "$PY" -m pytest \
+    -q -rfEs -p no:cacheprovider tests/test_triton_ops.py tests/test_model_backends.py tests/test_graphs.py -k "triton"
+  grep -E "^(FAILED|ERROR)" "$OUT/fastlaunch.log" | head -20 >> "$SUMMARY"
+  tail -1 "$OUT/fastlaunch.log" >> "$SUMMARY"
 }
 run_gpu_ops() {
   # shellcheck disable=SC2086  # GPU_OPS_ARGS is a word list on purpose
@@ -109,7 +115,7 @@ case " $STAGES " in
 esac
 run_profile() {  # where a forward's time goes: host per forward, kernel time, launches, top kernels
   stage profile 120 "$OUT/profile.log" "$PY" bench/profile_model.py --device cuda \
-    --backends "${PROFILE_BACKENDS:-triton,cuda,auto+graphs,triton+graphs}" --sizes 1,256 --out "$OUT/profile.json"
+    --backends "${PROFILE_BACKENDS:-triton,triton+fastlaunch,cuda,auto+graphs,triton+graphs}" --sizes 1,256 --out "$OUT/profile.json"
   grep -E "^## backend" "$OUT/profile.log" >> "$SUMMARY"
 }
 run_fuzz() {  # not in the default list: the randomized config sweep on the GPU backends (each new head dim
@@ -121,13 +127,13 @@ run_fuzz() {  # not in the default list: the randomized config sweep on the GPU 
 }
 for name in $STAGES; do
   if ! declare -F "run_$name" > /dev/null; then
-    echo "== $name: unknown stage (known: build tests gpu_ops bench gpu_linear ncu serving profile fuzz)" | tee -a "$SUMMARY"
+    echo "== $name: unknown stage (known: build tests fastlaunch gpu_ops bench gpu_linear ncu serving profile fuzz)" | tee -a "$SUMMARY"
     continue
   fi
   (( BUILD_FAILED )) && { echo "== $name: not run (no working build)" | tee -a "$SUMMARY"; continue; }
   "run_$name"
 done
-KEEP="junit.xml bench gpu_ops.json gpu_linear.json gpu_linear.log serving.json serving.log ncu.log profile.json profile.log fuzz.log"
+KEEP="junit.xml bench gpu_ops.json gpu_linear.json gpu_linear.log serving.json serving.log ncu.log profile.json profile.log fastlaunch.log fuzz.log"
 # shellcheck disable=SC2046,SC2086  # word lists on purpose
 tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls -d $KEEP 2>/dev/null) 2>/dev/null
 # shellcheck disable=SC2086

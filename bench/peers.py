@@ -47,6 +47,8 @@ DESCRIPTIONS = {
     "torch": "FastDM2S2 backend='torch' (ragged, plain PyTorch ops)",
     "cpp": "FastDM2S2 backend='cpp' (C++ CPU kernels)",
     "triton": "FastDM2S2 backend='triton'",
+    "triton+fastlaunch": "FastDM2S2 backend='triton', DM2S2_TRITON_FAST_LAUNCH=1 (launches skip JITFunction.run's "
+                         "binding on a launch-cache hit)",
     "cuda": "FastDM2S2 backend='cuda'",
     "auto+graphs": "FastDM2S2 backend='auto', cuda_graphs=True (batch padded to its bucket, one graph replay; per op "
                    "the kernel of least GPU time, backends.AUTO_CUDA_GRAPH_ORDER; batches of more than "
@@ -311,6 +313,7 @@ class EngineRunner(Runner):
         graphs = "graphs" in flags
         linear = {"fused": "fused", "fusedgelu": "fused-gelu"}
         self.env = {"DM2S2_TRITON_LINEAR": linear[f] for f in flags if f in linear}
+        self.fast_launch = "fastlaunch" in flags
         if graphs and device.type != "cuda":
             raise Skip("CUDA graphs need a CUDA device")
         if name == "auto":
@@ -332,6 +335,9 @@ class EngineRunner(Runner):
     def _run(self, engine):
         saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
+        if self.fast_launch:
+            import dm2s2_fast.triton as triton_backend
+            saved_fast, triton_backend.FAST_LAUNCH = triton_backend.FAST_LAUNCH, True
         try:
             return engine(self.batch)
         finally:
@@ -340,9 +346,11 @@ class EngineRunner(Runner):
                     os.environ.pop(k)
                 else:
                     os.environ[k] = v
+            if self.fast_launch:
+                triton_backend.FAST_LAUNCH = saved_fast
 
     def call(self):
-        return self._run(self.engine) if self.env else self.engine(self.batch)
+        return self._run(self.engine) if self.env or self.fast_launch else self.engine(self.batch)
 
     def hidden(self, timed=False):
         engine = self.engine if timed else self.engine32

@@ -9,7 +9,8 @@ says which kernel or which host step to work on next (e.g. Triton eager: host-bo
     python bench/profile_model.py --device cuda --backends triton,cuda,auto+graphs --sizes 1,256 --out profile.json
 
 A backend named ``<name>+graphs`` runs with ``cuda_graphs=True`` and ``graph_max_rows=None`` (every
-size replays), to see what a replay costs beyond its kernels.
+size replays), to see what a replay costs beyond its kernels; ``triton+fastlaunch`` with
+``dm2s2_fast.triton.FAST_LAUNCH``.
 """
 from __future__ import annotations
 
@@ -85,9 +86,14 @@ def main() -> int:
     for B in (int(x) for x in args.sizes.split(",")):
         batch = ads_batch(B, config, seed=B).to(device)  # fp32 features: the engine casts them
         for name in args.backends.split(","):
-            backend, _, graphs = name.partition("+")
-            options = {"cuda_graphs": True, "graph_max_rows": None} if graphs == "graphs" else {}
+            backend, *flags = name.split("+")
+            options = {"cuda_graphs": True, "graph_max_rows": None} if "graphs" in flags else {}
+            if "fastlaunch" in flags:
+                import dm2s2_fast.triton as triton_backend
+                triton_backend.FAST_LAUNCH = True
             result = profile_one(convert(model, backend, **options), batch, device, args.iters, args.rows)
+            if "fastlaunch" in flags:
+                triton_backend.FAST_LAUNCH = False
             print(f"\n## backend {name}, B={B} ({batch.num_elements} rows): host {result['wall_ms']:.3f} ms a "
                   f"forward, kernels {result['device_ms']} ms, launches {result['launches']}")
             print(result.pop("table"))

@@ -3,8 +3,9 @@ results without it; peers.py builds the runners)."""
 
 # "<backend>+graphs": the engine with cuda_graphs=True (one graph replay per shape bucket);
 # "+fused": with DM2S2_TRITON_LINEAR=fused (the Triton GEMMs with fused epilogues) while it runs;
-# "+fusedgelu": DM2S2_TRITON_LINEAR=fused-gelu (only the GELU layer fused).
-ENGINE_BACKENDS = ("auto", "torch", "cpp", "triton", "cuda", "auto+graphs", "triton+graphs", "cuda+graphs",
+# "+fusedgelu": DM2S2_TRITON_LINEAR=fused-gelu (only the GELU layer fused); "+fastlaunch": with
+# dm2s2_fast.triton.FAST_LAUNCH (DM2S2_TRITON_FAST_LAUNCH=1) while it runs.
+ENGINE_BACKENDS = ("auto", "torch", "cpp", "triton", "triton+fastlaunch", "cuda", "auto+graphs", "triton+graphs", "cuda+graphs",
                    "triton+fused", "triton+fused+graphs", "triton+fusedgelu+graphs")
 PEERS = ("hf", "nested", "onnxruntime", "flex")
 # Table order: floor first, then the oracle, the engine, the peers, the pooling row.

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._intmath import next_pow2
 from .output import DM2S2Output
 from .sequence_set import HostPlan, SequenceSet
 
@@ -50,10 +51,6 @@ def geometric_step(x: int, bucket_steps: int) -> int:
 def round_geometric(x: int, bucket_steps: int) -> int:
     step = geometric_step(x, bucket_steps)
     return -(-x // step) * step
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length() if x > 0 else 0
 
 
 @dataclass(frozen=True)

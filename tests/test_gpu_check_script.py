@@ -74,8 +74,8 @@ def env(tmp_path):
 
 def test_all_stages_in_order_with_results_packed(env):
     summary, calls = _run(env)
-    assert _stage_lines(summary) == ["build", "info", "tests", "gpu_ops", "bench", "gpu_linear", "ncu",
-                                     "serving", "profile"], summary
+    assert _stage_lines(summary) == ["build", "info", "tests", "fastlaunch", "gpu_ops", "bench", "gpu_linear",
+                                     "ncu", "serving", "profile"], summary
     assert "## backend triton, B=1 (95 rows): host 2.6 ms" in summary
     assert "== build: rc=0" in summary and "== tests: rc=1" in summary
     assert "FAILED tests/test_x.py::test_y" in summary  # the failure is named, not only counted

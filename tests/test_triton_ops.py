@@ -224,6 +224,20 @@ def test_forced_configs_that_cannot_compile_are_refused(name, spec, monkeypatch)
          else MP.tile_config(torch.float32, 100, 32, 32))
 
 
+def test_host_integer_helpers_match_triton():
+    """The launchers' plain-Python cdiv / next_pow2 (Triton 3.6's cost ~2 µs a call on the host)
+    give what triton.cdiv / triton.next_power_of_2 give, so no launch config changes."""
+    triton_module("add_layernorm")
+    import triton
+
+    from dm2s2_fast._intmath import cdiv, next_pow2
+    for x in list(range(0, 4200)) + [2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 3 * 2 ** 40 + 7]:
+        assert next_pow2(x) == triton.next_power_of_2(x), x
+        for b in (1, 2, 3, 16, 64, 128, 1000):
+            assert cdiv(x, b) == triton.cdiv(x, b), (x, b)
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(-70, 0) for b in (1, 3, 16))
+
+
 def test_pick_config():
     pick_config = triton_module("set_attention").pick_config
 

@@ -11,6 +11,8 @@ Every launcher is also exposed as a ``torch.library.triton_op`` in the ``dm2s2_t
 registered backend kernels call the launchers directly in eager mode (no dispatcher overhead) and go
 through the custom op only while compiling.
 """
+import os
+
 from .. import backends
 
 INTERPRET = backends.triton_interpret()
@@ -155,15 +157,31 @@ if triton is not None:
 
     _tracing = threading.local()
 
+    # Eager launches through fast_launch.FastLaunch (opt-in, read once: set the variable before
+    # importing, or this attribute).
+    FAST_LAUNCH = os.environ.get("DM2S2_TRITON_FAST_LAUNCH") == "1"
+    _FAST_LAUNCHERS: dict = {}
+
     def wrap(kernel):
         """The kernel to launch: ``torch.library.wrap_triton(kernel)`` inside a custom op's body
         (so make_fx / torch.compile / torch.export can trace the launch), the kernel itself
         otherwise: eager launches skip wrap_triton's higher-order-op dispatch (tens of µs per call).
         Interpreted kernels are never wrapped (wrap_triton's tracing does not apply to them).
+        With ``FAST_LAUNCH`` eager launches go through ``fast_launch.FastLaunch``.
         """
-        if INTERPRET or not getattr(_tracing, "on", False):
+        if INTERPRET:
             return kernel
-        return torch.library.wrap_triton(kernel)
+        if getattr(_tracing, "on", False):
+            return torch.library.wrap_triton(kernel)
+        if FAST_LAUNCH:
+            fast = _FAST_LAUNCHERS.get(kernel)
+            if fast is None:
+                from .fast_launch import UNSUPPORTED, FastLaunch
+                if UNSUPPORTED is not None:
+                    raise RuntimeError(f"DM2S2_TRITON_FAST_LAUNCH=1: {UNSUPPORTED}")
+                fast = _FAST_LAUNCHERS[kernel] = FastLaunch(kernel)
+            return fast
+        return kernel
 
     def compiling() -> bool:
         if COMPILE_UNAVAILABLE is not None:

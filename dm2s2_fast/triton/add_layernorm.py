@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from .._intmath import cdiv, next_pow2
 from . import INTERPRET, cast_out, compiling, dtype_reason, triton_op, wrap
 
 MAX_DIM = 16384
@@ -44,7 +45,7 @@ def _add_layernorm_kernel(X, RES, Wt, Bs, OUT, n_rows, dim, eps, stride_x, strid
 
 def row_config(dim: int):
     """(BLOCK_D, BLOCK_R, num_warps) for row-wise kernels: ~4K elements per program."""
-    block_d = triton.next_power_of_2(max(dim, 1))
+    block_d = next_pow2(max(dim, 1))
     block_r = max(1, min(64, 4096 // block_d))
     warps = 4 if block_d <= 2048 else 8
     return block_d, block_r, warps
@@ -60,7 +61,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias:
     if n == 0 or dim == 0:
         return out
     block_d, block_r, warps = row_config(dim)
-    wrap(_add_layernorm_kernel)[(triton.cdiv(n, block_r),)](
+    wrap(_add_layernorm_kernel)[(cdiv(n, block_r),)](
         x, residual, weight, bias, out, n, dim, float(eps), x.stride(0), residual.stride(0), out.stride(0),
         BLOCK_R=block_r, BLOCK_D=block_d, INTERP=INTERPRET, num_warps=warps)
     return out

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from .._intmath import cdiv, next_pow2
 from . import INTERPRET, cast_out, compiling, dtype_reason, triton_op, wrap
 
 
@@ -35,9 +36,9 @@ def _launch(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n, width), dtype=x.dtype, device=x.device)
     if n == 0 or width == 0:
         return out
-    block_f = min(512, triton.next_power_of_2(width))
+    block_f = min(512, next_pow2(width))
     block_r = max(1, 4096 // block_f)
-    grid = (triton.cdiv(n, block_r), triton.cdiv(width, block_f))
+    grid = (cdiv(n, block_r), cdiv(width, block_f))
     wrap(_bias_gelu_kernel)[grid](x, bias, out, n, width, x.stride(0), out.stride(0),
                                   BLOCK_R=block_r, BLOCK_F=block_f, INTERP=INTERPRET, num_warps=4)
     return out
@@ -50,7 +51,7 @@ def _supports(x, bias) -> Optional[str]:
     reason = dtype_reason(x, bias)
     if reason:
         return reason
-    if triton.cdiv(x.shape[1], 512) > 65535:
+    if cdiv(x.shape[1], 512) > 65535:
         return f"triton bias_gelu supports widths up to {512 * 65535}, got {x.shape[1]}"
     return None
 

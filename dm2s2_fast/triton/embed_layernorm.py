@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from .._intmath import cdiv
 from . import INTERPRET, cast_out, compiling, dtype_reason, triton_op, wrap
 from ..ops.embed_layernorm import out_layout_reason
 from .add_layernorm import MAX_DIM, layernorm_rows, row_config
@@ -65,7 +66,7 @@ def _run(positions, type_ids, position_table, type_table, weight, bias, eps, ids
     has_ids = ids is not None
     dummy = position_table  # never read: its branch is compiled out by HAS_IDS / HAS_ROWS
     block_d, block_r, warps = row_config(dim)
-    wrap(_embed_layernorm_kernel)[(triton.cdiv(n, block_r),)](
+    wrap(_embed_layernorm_kernel)[(cdiv(n, block_r),)](
         positions, type_ids, position_table, type_table, weight, bias,
         ids if has_ids else positions, table if has_ids else dummy, dense if not has_ids else dummy,
         out, out_rows if out_rows is not None else positions,

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .. import backends
 from ..ops.linear_add_layernorm import composed
+from .._intmath import cdiv, next_pow2
 from . import INTERPRET, cast_out, compiling, dtype_reason, mma, triton_op, wrap
 from .add_layernorm import MAX_DIM, add_layernorm_triton, layernorm_rows
 from .linear_bias_gelu import linear_mode
@@ -73,14 +74,14 @@ def layernorm_config(dtype: torch.dtype, n: int, k: int, dim: int):
     registers, 48 bytes under 3.6; 16 warps, 128 registers, 52 bytes under 3.9;
     bench/gpu_linear.py times both beside this default.
     """
-    block_n = triton.next_power_of_2(max(dim, 16))
-    rows_cap = max(16, min(128, triton.next_power_of_2(max(n, 1))))
+    block_n = next_pow2(max(dim, 16))
+    rows_cap = max(16, min(128, next_pow2(max(n, 1))))
     forced = linear_mode()[1]
     if forced is not None:
         bm, _, bk, warps, stages = forced
         return bm, block_n, bk, warps, stages
     bk_cap = 16 if dtype == torch.float32 else max(16, min(64, 16384 // block_n))
-    bk = max(16, min(bk_cap, triton.next_power_of_2(max(k, 1))))
+    bk = max(16, min(bk_cap, next_pow2(max(k, 1))))
     if dtype == torch.float32:
         bm = max(16, min(rows_cap, 8192 // block_n))
         return bm, block_n, bk, 8 if block_n >= 512 else 4, 1 if block_n > 512 else 2
@@ -100,7 +101,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual:
     if n == 0 or dim == 0:
         return out
     bm, bn, bk, warps, stages = layernorm_config(x.dtype, n, k, dim)
-    wrap(_linear_add_layernorm_kernel)[(triton.cdiv(n, bm),)](
+    wrap(_linear_add_layernorm_kernel)[(cdiv(n, bm),)](
         x, weight, bias, residual, ln_weight, ln_bias, out, n, dim, k, float(eps),
         x.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, INTERP=INTERPRET,

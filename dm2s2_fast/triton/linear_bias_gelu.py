@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .. import backends
 from ..ops.linear_bias_gelu import composed
+from .._intmath import cdiv, next_pow2
 from . import INTERPRET, cast_out, compiling, dtype_reason, mma, sm_count, triton_op, valid_tiles, wrap
 from .bias_gelu import bias_gelu_triton
 
@@ -103,7 +104,7 @@ def _linear_bias_gelu_kernel(X, W, B, OUT, n_rows, n_out, k_dim, stride_xn, stri
 
 
 def _pow2_clamp(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
+    return max(lo, min(hi, next_pow2(max(int(x), 1))))
 
 
 def gelu_config(dtype: torch.dtype, n: int, k: int, f: int, sms: int = 132):
@@ -124,11 +125,11 @@ def gelu_config(dtype: torch.dtype, n: int, k: int, f: int, sms: int = 132):
     if dtype == torch.float32:
         return min(64, rows_cap), _pow2_clamp(f, 16, 64), bk, 4, 2
     bn = _pow2_clamp(f, 16, 128)
-    if triton.cdiv(n, 128) * triton.cdiv(f, bn) >= sms:
+    if cdiv(n, 128) * cdiv(f, bn) >= sms:
         bm = 128
     else:
         bm = 64
-        if triton.cdiv(n, bm) * triton.cdiv(f, bn) < sms:
+        if cdiv(n, bm) * cdiv(f, bn) < sms:
             bn = min(bn, 64)
     bm = min(bm, rows_cap)
     return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3
@@ -144,7 +145,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     if n == 0 or f == 0:
         return out
     bm, bn, bk, warps, stages = gelu_config(x.dtype, n, k, f, sm_count(x.device))
-    grid = (triton.cdiv(n, bm) * triton.cdiv(f, bn),)
+    grid = (cdiv(n, bm) * cdiv(f, bn),)
     wrap(_linear_bias_gelu_kernel)[grid](
         x, weight, bias, out, n, f, k, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, EVEN_K=k % bk == 0, INTERP=INTERPRET,

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from .._intmath import cdiv, next_pow2
 from . import INTERPRET, cast_out, compiling, dtype_reason, mma, sm_count, tanh_f32, triton_op, valid_tiles, wrap
 
 MAX_DIM = 1024  # d (the pooled width) held whole in registers; BERT-large's 1024 is the limit
@@ -280,8 +281,8 @@ def _score_config(dtype: torch.dtype, dim: int, width: int):
     """``rows`` mode: (BLOCK_N, BLOCK_A, BLOCK_K, num_warps, num_stages); spill-free on sm_90."""
     half = dtype != torch.float32
     bn = 64 if half else 32
-    ba = min(64 if half else 32, max(16, triton.next_power_of_2(width)))
-    bk = min(32, max(16, triton.next_power_of_2(dim)))
+    ba = min(64 if half else 32, max(16, next_pow2(width)))
+    bk = min(32, max(16, next_pow2(dim)))
     return bn, ba, bk, 4, 3 if half else 2
 
 
@@ -324,11 +325,11 @@ def tile_config(dtype: torch.dtype, n: int, dim: int, width: int, sms: int = 132
     if forced is not None:
         return forced
     half = dtype != torch.float32
-    ba = min(128 if half else 64, max(16, triton.next_power_of_2(width)))
-    bk = min(64 if half else 32, max(16, triton.next_power_of_2(dim)))
-    cap = max(16, triton.next_power_of_2(max(n, 1)))
+    ba = min(128 if half else 64, max(16, next_pow2(width)))
+    bk = min(64 if half else 32, max(16, next_pow2(dim)))
+    cap = max(16, next_pow2(max(n, 1)))
     if half:
-        bn = 128 if triton.cdiv(n, 128) * triton.cdiv(width, ba) >= sms else 64
+        bn = 128 if cdiv(n, 128) * cdiv(width, ba) >= sms else 64
         bn = min(bn, cap)
         warps = 8 if bn * ba >= 128 * 128 else 4
         return bn, ba, bk, warps, 3
@@ -351,14 +352,14 @@ def _scores(x: torch.Tensor, W: torch.Tensor, c: torch.Tensor, v: torch.Tensor, 
     if mode == "rows":
         out = torch.empty((1, n), dtype=torch.float32, device=x.device)
         bn, ba, bk, warps, stages = _score_config(x.dtype, dim, width)
-        wrap(_score_kernel)[(triton.cdiv(n, bn),)](
+        wrap(_score_kernel)[(cdiv(n, bn),)](
             x, W, c, v, out, n, dim, width, x.stride(0), W.stride(0),
             BLOCK_N=bn, BLOCK_A=ba, BLOCK_K=bk, INTERP=INTERPRET, num_warps=warps, num_stages=stages)
         return out, 1
     bn, ba, bk, warps, stages = tile_config(x.dtype, n, dim, width, sm_count(x.device))
-    n_ab = triton.cdiv(width, ba)
+    n_ab = cdiv(width, ba)
     out = torch.empty((n_ab, n), dtype=torch.float32, device=x.device)
-    wrap(_score_tile_kernel)[(triton.cdiv(n, bn) * n_ab,)](
+    wrap(_score_tile_kernel)[(cdiv(n, bn) * n_ab,)](
         x, W, c, v, out, n, dim, width, x.stride(0), W.stride(0),
         BLOCK_N=bn, BLOCK_A=ba, BLOCK_K=bk, EVEN_K=dim % bk == 0, EVEN_A=width % ba == 0,
         INTERP=INTERPRET, num_warps=warps, num_stages=stages)
@@ -366,7 +367,7 @@ def _scores(x: torch.Tensor, W: torch.Tensor, c: torch.Tensor, v: torch.Tensor, 
 
 
 def _pool_config(dim: int):
-    block_d = max(16, triton.next_power_of_2(dim))
+    block_d = max(16, next_pow2(dim))
     block_n = max(2, min(64, 8192 // block_d))
     warps = 4 if block_d <= 256 else 8
     return block_d, block_n, warps
@@ -408,8 +409,8 @@ def _fused_config(dtype: torch.dtype, dim: int, width: int):
     Triton 3.6 and 3.9; fp32 with BLOCK_K=32 spilled 28 bytes under 3.9)."""
     block_d, block_n, _ = _pool_config(dim)
     half = dtype != torch.float32
-    block_a = min(32, max(16, triton.next_power_of_2(width)))
-    block_k = min(64 if half else 16, max(16, triton.next_power_of_2(dim)))
+    block_a = min(32, max(16, next_pow2(width)))
+    block_k = min(64 if half else 16, max(16, next_pow2(dim)))
     return block_d, block_n, block_a, block_k, 8 if block_d >= 256 else 4
 
 

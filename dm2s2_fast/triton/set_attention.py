@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from .._intmath import cdiv, next_pow2
 from . import INTERPRET, cast_out, mma, compiling, dtype_reason, triton_op, valid_tiles, wrap
 
 LOG2E = 1.4426950408889634
@@ -144,7 +145,7 @@ def _override():
 
 
 def _pow2_clamp(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
+    return max(lo, min(hi, next_pow2(max(int(x), 1))))
 
 
 def pick_config(n_rows: int, n_groups: int, max_seqlen: int, head_dim: int, dtype: torch.dtype):
@@ -156,7 +157,7 @@ def pick_config(n_rows: int, n_groups: int, max_seqlen: int, head_dim: int, dtyp
     forced = _override()
     if forced is not None:
         return forced
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_pow2(head_dim))
     half = dtype != torch.float32
     bm = bn = _pow2_clamp(max_seqlen, 16, 64)  # per-group tiles, from the longest group
     # Short groups on average (mean < half that tile, so most of each per-group tile would be
@@ -191,14 +192,14 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
         return out
     max_seqlen = min(int(max_seqlen), n)  # a larger bound only adds idle q-blocks
     packed, bm, bn, warps, stages = pick_config(n, groups, max_seqlen, head_dim, q.dtype)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    n_mblocks = triton.cdiv(max(max_seqlen, 1), bm)
+    block_d = max(16, next_pow2(head_dim))
+    n_mblocks = cdiv(max(max_seqlen, 1), bm)
     if not packed and groups * n_mblocks > 2 ** 31 - 1:
         # Skewed groups (a long one among many short ones): one program per q-block of every group
         # would pass the grid's limit; packed programs cover the rows instead, cdiv(n, BLOCK_M).
         packed = True
     if packed:
-        grid = (triton.cdiv(n, bm), heads)
+        grid = (cdiv(n, bm), heads)
     else:
         grid = (groups * n_mblocks, heads)
     wrap(_set_attention_kernel)[grid](
