@@ -1,6 +1,6 @@
 """pytest-benchmark suite for dm2s2_fast: options, the (B, provider) grid and the session state.
 
-    pytest bench/                        # default grid for this machine's device
+    pytest bench/                        # default grid for this machine's device (bench/tests: not collected)
     pytest bench/ --quick                # B in {1, 64}, shorter timing
     pytest bench/ --sizes 64 --providers floor,torch,hf
     pytest bench/ --bench-device cuda --bench-dtype bfloat16
@@ -26,6 +26,10 @@ for _p in (_ROOT, _HERE):
 
 import peers  # noqa: E402
 from peers import percentile  # noqa: E402
+
+# bench/tests (the scripts' own tests, run with the test suite: pyproject's testpaths) are not part
+# of the benchmark: `pytest bench/` runs the suite alone; `pytest bench/tests` runs them.
+collect_ignore = ["tests"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -107,17 +111,6 @@ def pytest_generate_tests(metafunc):
 # ---------------------------------------------------------------------------------------------
 # Environment and telemetry
 # ---------------------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 class NVML:
     """nvidia-ml-py telemetry; every call defensive (a missing field is None, never an error)."""
@@ -204,7 +197,7 @@ class BenchState:
     def _environment(self) -> dict:
         env = {"device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
                "torch": torch.__version__, "python": platform.python_version(),
-               "threads": torch.get_num_threads(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count()}
+               "threads": torch.get_num_threads(), "cpu_model": peers.cpu_model(), "cpu_count": os.cpu_count()}
         if self.device == "cuda":
             idx = torch.cuda.current_device()
             props = torch.cuda.get_device_properties(idx)
@@ -423,6 +416,7 @@ def pytest_runtest_logreport(report):
         _ENV.update(state.env)
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-benchmark's hook: bench/tests run without the plugin too
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     opts = _options(config)
     output_json["dm2s2_fast"] = {

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Per-op GPU timings of the torch / triton / cuda backends, and FlexAttention for set_attention.
 
-Shapes: DESIGN §6 `ads` at B=256 (``dm2s2_fast.workloads.ads_batch``): ~26k packed tokens, d=384,
-12 heads of 32, FFN 1536, set-attention groups = samples (27..200 tokens), IntraMRA segments = present modalities.
+Shapes: the `ads` workload (docs/workloads.md) at B=256 (``dm2s2_fast.workloads.ads_batch``): ~26k
+packed tokens, d=384, 12 heads of 32, FFN 1536, set-attention groups = samples (27..200 tokens),
+IntraMRA segments = present modalities.
 
 For each op and backend: a correctness check against the torch kernel run in fp64 (‖out−ref‖/‖ref‖,
 with the torch kernel's own error in that dtype beside it), then the median time of
@@ -11,11 +12,12 @@ with the torch kernel's own error in that dtype beside it), then the median time
            '-' when the call cannot be captured, e.g. it syncs),
 with triton.testing.do_bench (L2 flushed before each run; CUDA events) or CUDA events when Triton
 is missing. `ratio` is graph time (eager where no graph) over the best backend's for that op.
-Selectable kernel variants (CUDA_VARIANTS, TRITON_VARIANTS: an environment variable set for that
-entry only) are checked and timed beside each backend's default, labelled backend[variant].
+Forced kernel variants (CUDA_VARIANTS, TRITON_VARIANTS: a ``dm2s2_fast.Tuning`` made current with
+``with tuning.active():`` around that entry's check, correctness call, timing and graph capture) are
+checked and timed beside each backend's default (run under ``Tuning()``), labelled backend[variant].
 `floor` = max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s bf16|fp16, 67 TFLOP/s fp32) - the measured
-copy bandwidth and bf16 matmul rate of this workplace's H200 (KINDS.md), each input read once,
-each output written once.
+copy bandwidth and bf16 matmul rate of the H200 (docs/performance.md, "Machines"), each input read
+once, each output written once.
 
     python bench/gpu_ops.py --out gpu_ops.json [--dtypes bf16,fp16,fp32] [--batch 256]
 
@@ -25,6 +27,7 @@ budget (--budget, default 80 s) and drops the optional parts (extra dtypes, flex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -38,37 +41,48 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.join(HERE, "..") not in sys.path:
     sys.path.insert(0, os.path.join(HERE, ".."))
 
+from dm2s2_fast import AttentionTiles, PoolRows, ScoreTiles, Tuning  # noqa: E402
+
 BW = 4.3e12                      # B/s, measured device-to-device copy (read + write)
 PEAK = {"bf16": 790e12, "fp16": 790e12, "fp32": 67e12}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKENDS = ("torch", "triton", "cuda")
-# Selectable cuda kernels, each timed and checked beside the automatic choice ("cuda"):
-# (environment variable, value, label); the variable is set for that entry only.
+# Forced cuda kernels, each timed and checked beside the automatic choice ("cuda"): (label, Tuning);
+# the tuning is current for that entry only.
 CUDA_VARIANTS = {
-    "set_attention": [("DM2S2_CUDA_ATTN_TILE", "32", "tile32"), ("DM2S2_CUDA_ATTN_TILE", "64", "tile64"),
-                      ("DM2S2_CUDA_ATTN_TILE", "group", "group")],
-    "add_layernorm": [("DM2S2_CUDA_LN", "warp", "ln-warp"), ("DM2S2_CUDA_LN", "half", "ln-half")],
-    "embed_layernorm": [("DM2S2_CUDA_LN", "warp", "ln-warp"), ("DM2S2_CUDA_LN", "half", "ln-half")],
+    "set_attention": [(k, Tuning(cuda_attention=k)) for k in ("tile32", "tile64", "group")],
+    "add_layernorm": [(f"ln-{k}", Tuning(cuda_layernorm=k)) for k in ("warp", "half")],
+    "embed_layernorm": [(f"ln-{k}", Tuning(cuda_layernorm=k)) for k in ("warp", "half")],
 }
-# Selectable triton kernels, likewise ("triton" is the default: DM2S2_TRITON_MRA=tile).
-_MRA_ROWS = ("DM2S2_TRITON_MRA", "rows", "rows")                 # the first version: 1-D row blocks
-_MRA_TILE64 = ("DM2S2_TRITON_MRA", "tile:64,128,64,4,3", "tile64")  # 64-row score tiles everywhere
-# The pooling kernel's row loop (BLOCK_N,num_warps,num_stages; half-precision default at d=384
+# Forced triton launch configs, likewise ("triton" is the backend's own choice from the shapes).
+# 64-row MRA score tiles everywhere (BLOCK_N, BLOCK_A, BLOCK_K, num_warps, num_stages).
+_MRA_TILE64 = ("tile64", Tuning(triton_mra_scores=ScoreTiles(64, 128, 64, num_warps=4, num_stages=3)))
+# The pooling kernel's row loop (BLOCK_N, num_warps, num_stages; half-precision default at d=384
 # 32,4,3, measured fastest on the H200 on 2026-11-30; 16,8,1 the earlier default).
-_POOL_VARIANTS = [("DM2S2_TRITON_MRA_POOL", spec, f"pool{spec.replace(',', '-')}")
-                  for spec in ("16,8,1", "64,4,3", "32,4,4", "16,4,3", "32,2,3")]
-# set_attention tilings (DM2S2_TRITON_ATTN = mode,BLOCK_M,BLOCK_N,num_warps,num_stages); the ads
-# default is group,64,32,4,2 (group,64,64,4,2 until the H200 timed both on 2026-11-30).
-_ATTN_VARIANTS = [("DM2S2_TRITON_ATTN", spec, spec.replace(",", "-"))
-                  for spec in ("group,64,64,4,2", "group,64,32,4,3", "group,128,32,4,2", "group,128,32,8,2",
-                               "group,64,16,4,2", "group,32,32,4,2")]
+_POOL_VARIANTS = [(f"pool{n}-{w}-{st}", Tuning(triton_mra_pool=PoolRows(n, num_warps=w, num_stages=st)))
+                  for n, w, st in ((16, 8, 1), (64, 4, 3), (32, 4, 4), (16, 4, 3), (32, 2, 3))]
+# set_attention tilings, one program per group's q-block (packed=False; BLOCK_M, BLOCK_N,
+# num_warps, num_stages); the ads default is 64,32,4,2 (64,64,4,2 until the H200 timed both on
+# 2026-11-30).
+_ATTN_VARIANTS = [(f"group-{m}-{n}-{w}-{st}",
+                   Tuning(triton_attention=AttentionTiles(packed=False, block_m=m, block_n=n, num_warps=w,
+                                                          num_stages=st)))
+                  for m, n, w, st in ((64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 2),
+                                      (64, 16, 4, 2), (32, 32, 4, 2))]
 TRITON_VARIANTS = {
     "set_attention": _ATTN_VARIANTS,
-    "intra_mra": [_MRA_ROWS, _MRA_TILE64] + _POOL_VARIANTS,
-    "inter_mra": [_MRA_ROWS],
-    "mra_pool": [_MRA_ROWS, ("DM2S2_TRITON_MRA", "tile-fused", "tile-fused"), _MRA_TILE64, _POOL_VARIANTS[0]],
+    "intra_mra": [_MRA_TILE64] + _POOL_VARIANTS,
+    "mra_pool": [_MRA_TILE64, _POOL_VARIANTS[0]],
 }
 VARIANTS = {"cuda": CUDA_VARIANTS, "triton": TRITON_VARIANTS}
+DEFAULT_TUNING = Tuning()  # the backends' own choices: every default entry runs under it
+
+
+def tuning_changes(tuning: Tuning) -> dict:
+    """The fields ``tuning`` forces (those that differ from ``Tuning()``), JSON-ready."""
+    return {f.name: (dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+            for f in dataclasses.fields(tuning)
+            if (value := getattr(tuning, f.name)) != getattr(DEFAULT_TUNING, f.name)}
 D_MODEL, HEADS, FFN, VOCAB, MAX_POS, MRA_DIM = 384, 12, 1536, 30522, 512, 384
 
 T0 = time.time()
@@ -80,7 +94,7 @@ def log(*a):
 
 # ------------------------------------------------------------------ workload
 def ads_lengths(B: int, seed: int = 0) -> torch.Tensor:
-    """[B, 4] lengths (title, description, image, category) of the seeded DESIGN §6 batch."""
+    """[B, 4] lengths (title, description, image, category) of the seeded `ads` batch (docs/workloads.md)."""
     from dm2s2_fast.workloads import ads_batch
 
     return ads_batch(B, seed=seed).layout.lengths.to(torch.int64)
@@ -106,7 +120,7 @@ class Workload:
         self.sum_sq = int((totals.double() ** 2).sum())
         self.totals = totals
         self.cu_seg = offsets(seg, dev)
-        self.cu_segments = offsets((L > 0).sum(1), dev)
+        self.cu_segments_per_sample = offsets((L > 0).sum(1), dev)
         # per modality: packed rows and intra-order positions (sample-major, modalities in order)
         starts = torch.cumsum(totals, 0) - totals
         self.rows, self.positions = [], []
@@ -256,10 +270,10 @@ def make_cases(w: Workload, dt: torch.dtype, dev):
     cases["intra_mra"] = dict(args=(h, w.cu_seg, W, c, vv),
                               bytes=N * d * es + MRA_DIM * d * es + S * d * es + 4 * N,
                               flops=2 * N * d * MRA_DIM)
-    cases["inter_mra"] = dict(args=(z, w.cu_segments, U, gg, u),
+    cases["inter_mra"] = dict(args=(z, w.cu_segments_per_sample, U, gg, u),
                               bytes=S * d * es + MRA_DIM * d * es + B * d * es + 4 * S,
                               flops=2 * S * d * MRA_DIM)
-    cases["mra_pool"] = dict(args=(h, w.cu_seg, w.cu_segments, W, c, vv, U, gg, u),
+    cases["mra_pool"] = dict(args=(h, w.cu_seg, w.cu_segments_per_sample, W, c, vv, U, gg, u),
                              bytes=N * d * es + 2 * MRA_DIM * d * es + S * d * es + B * d * es + 4 * (N + S),
                              flops=2 * (N + S) * d * MRA_DIM)
     for name, case in cases.items():
@@ -344,12 +358,11 @@ def main() -> int:
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity assumes IEEE fp32 GEMMs
 
-    import dm2s2_fast.ops  # noqa: F401 - registers the torch backend
-    from dm2s2_fast import backends
+    from dm2s2_fast import dispatch
 
     avail = {}
     for name in args.backends.split(","):
-        reason = backends.why_not(name, "add_layernorm", "cuda")
+        reason = "; ".join(dispatch.reasons(name, "add_layernorm", "cuda")) or None
         avail[name] = reason
         log(f"backend {name}: {'available' if reason is None else 'UNAVAILABLE: ' + reason}")
 
@@ -379,7 +392,7 @@ def main() -> int:
                 continue
             op = case["op"]
             floor_s = max(case["bytes"] / BW, case["flops"] / PEAK[dname])
-            torch_fn = backends.resolve(op, "torch", dev)[1]
+            torch_fn = dispatch.resolve(op, "torch", dev)[1]
             a64 = fresh_args(case)
             a64 = to64(a64)
             ref64 = select_out(case, torch_fn(*a64), a64)
@@ -390,37 +403,38 @@ def main() -> int:
             entries = []
             names = [b for b in args.backends.split(",") if b]
             variants = [(b, None) for b in names]
-            for bname in ("triton", "cuda"):  # every selectable kernel variant, for tuning (env var, value)
+            for bname in ("triton", "cuda"):  # every forced kernel variant, for tuning: (label, Tuning)
                 if bname in names:
                     variants += [(bname, v) for v in VARIANTS[bname].get(op, [])]
             for bname, variant in variants:
-                label = bname if variant is None else f"{bname}[{variant[2]}]"
+                label = bname if variant is None else f"{bname}[{variant[0]}]"
+                tuning = DEFAULT_TUNING if variant is None else variant[1]
                 entry = dict(op=name, dtype=dname, backend=label, floor_us=floor_s * 1e6)
+                if variant is not None:
+                    entry["tuning"] = tuning_changes(tuning)
                 try:
-                    reason = backends.why_not(bname, op, dev, case["args"])
-                    if reason is not None:
-                        entry["error"] = f"unavailable: {reason}"
-                        entries.append(entry)
-                        continue
-                    if variant is not None:
-                        os.environ[variant[0]] = variant[1]
-                    fn = backends.resolve(op, bname, dev, case["args"])[1]
-                    a = fresh_args(case)
-                    got = select_out(case, fn(*a), a)
-                    torch.cuda.synchronize()
-                    entry["rel_err"] = rel_err(got, ref64)
-                    entry["ok"] = bool(entry["rel_err"] <= tol)  # NaN -> False
-                    call_args = case["args"]
-                    entry["eager_us"] = bench_ms(lambda: fn(*call_args)) * 1e3
-                    gm = graph_ms(lambda: fn(*call_args))
-                    entry["graph_us"] = None if gm is None else gm * 1e3
+                    # Kernels read the current tuning at call time: the check, the correctness
+                    # call, the eager timing and the graph capture all run under this entry's.
+                    with tuning.active():
+                        found = dispatch.reasons(bname, op, dev, case["args"])
+                        if found:
+                            entry["error"] = f"unavailable: {'; '.join(found)}"
+                            entries.append(entry)
+                            continue
+                        fn = dispatch.resolve(op, bname, dev, case["args"])[1]
+                        a = fresh_args(case)
+                        got = select_out(case, fn(*a), a)
+                        torch.cuda.synchronize()
+                        entry["rel_err"] = rel_err(got, ref64)
+                        entry["ok"] = bool(entry["rel_err"] <= tol)  # NaN -> False
+                        call_args = case["args"]
+                        entry["eager_us"] = bench_ms(lambda: fn(*call_args)) * 1e3
+                        gm = graph_ms(lambda: fn(*call_args))
+                        entry["graph_us"] = None if gm is None else gm * 1e3
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     entry["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                     traceback.print_exc()
                     torch.cuda.synchronize()
-                finally:
-                    if variant is not None:
-                        os.environ.pop(variant[0], None)
                 entries.append(entry)
                 log(f"{name:24s} {dname} {label:18s} " + (
                     f"eager {entry['eager_us']:9.1f} us  graph "

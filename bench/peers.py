@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dm2s2_fast import backends
+from dm2s2_fast import dispatch
 from dm2s2_fast.config import DM2S2Config
+from dm2s2_fast.data import SequenceSet
 from dm2s2_fast.engine import FastDM2S2
 from dm2s2_fast.reference import DM2S2
-from dm2s2_fast.sequence_set import SequenceSet
+from dm2s2_fast.tuning import Tuning
 from dm2s2_fast.workloads import ads_batch, padded_tokens
 from providers import ENGINE_BACKENDS, PEERS, PROVIDERS  # noqa: F401 - re-exported for the suite
 
@@ -43,21 +45,18 @@ from providers import ENGINE_BACKENDS, PEERS, PROVIDERS  # noqa: F401 - re-expor
 DESCRIPTIONS = {
     "floor": "the encoder's linear layers on the packed tokens, vendor BLAS (F.linear)",
     "reference": "dm2s2_fast.reference.DM2S2, padded per modality, masked attention",
-    "auto": "FastDM2S2 backend='auto' (per op, the measured choice in backends.AUTO_ORDER / AUTO_CUDA_ORDER)",
+    "auto": "FastDM2S2 backend='auto' (per op, the measured choice in dm2s2_fast/auto_order.json, the device's order)",
     "torch": "FastDM2S2 backend='torch' (ragged, plain PyTorch ops)",
     "cpp": "FastDM2S2 backend='cpp' (C++ CPU kernels)",
     "triton": "FastDM2S2 backend='triton'",
-    "triton+fastlaunch": "FastDM2S2 backend='triton', DM2S2_TRITON_FAST_LAUNCH=1 (launches skip JITFunction.run's "
-                         "binding on a launch-cache hit)",
+    "triton+fastlaunch": "FastDM2S2 backend='triton', tuning=Tuning(triton_fast_launch=True) (launches skip "
+                         "JITFunction.run's binding on a launch-cache hit)",
     "cuda": "FastDM2S2 backend='cuda'",
     "auto+graphs": "FastDM2S2 backend='auto', cuda_graphs=True (batch padded to its bucket, one graph replay; per op "
-                   "the kernel of least GPU time, backends.AUTO_CUDA_GRAPH_ORDER; batches of more than "
+                   "the kernel of least GPU time, auto_order.json's cuda_graphs order; batches of more than "
                    "graph_max_rows=16384 rows run eagerly)",
     "triton+graphs": "FastDM2S2 backend='triton', cuda_graphs=True",
     "cuda+graphs": "FastDM2S2 backend='cuda', cuda_graphs=True",
-    "triton+fused": "FastDM2S2 backend='triton', DM2S2_TRITON_LINEAR=fused (GEMMs with fused epilogues)",
-    "triton+fused+graphs": "FastDM2S2 backend='triton', DM2S2_TRITON_LINEAR=fused, cuda_graphs=True",
-    "triton+fusedgelu+graphs": "FastDM2S2 backend='triton', DM2S2_TRITON_LINEAR=fused-gelu, cuda_graphs=True",
     "hf": "transformers.BertModel, sdpa attention, padded to the longest sample",
     "nested": "nn.TransformerEncoder fast path (nested tensors from src_key_padding_mask)",
     "onnxruntime": "ONNX Runtime (CPU EP) on the exported padded encoder",
@@ -134,8 +133,19 @@ class Skip(Exception):
 # Models and workloads
 # ---------------------------------------------------------------------------------------------
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def make_model(device: torch.device, seed: int = 0) -> DM2S2:
-    """The benchmark's DM²S²: the DESIGN §6 ``ads`` config, BERT-initialised from ``seed``, fp32."""
+    """The benchmark's DM²S²: the ``ads`` config (docs/workloads.md), BERT-initialised from ``seed``, fp32."""
     torch.manual_seed(seed)
     model = DM2S2(DM2S2Config.default_ads())
     # BERT init gives zero biases and unit LayerNorms; randomise them so that a peer that drops a
@@ -310,51 +320,37 @@ class EngineRunner(Runner):
     def __init__(self, provider: str, model: DM2S2, model32: DM2S2, work: Workload):
         device = work.content.device
         name, *flags = provider.split("+")
+        unknown = sorted(set(flags) - {"graphs", "fastlaunch"})
+        if unknown:
+            raise Skip(f"unknown engine flags {unknown} in {provider!r} (known: +graphs, +fastlaunch)")
         graphs = "graphs" in flags
-        linear = {"fused": "fused", "fusedgelu": "fused-gelu"}
-        self.env = {"DM2S2_TRITON_LINEAR": linear[f] for f in flags if f in linear}
-        self.fast_launch = "fastlaunch" in flags
+        # The engine runs every forward (and its graph captures) under its own tuning.
+        tuning = Tuning(triton_fast_launch=True) if "fastlaunch" in flags else None
         if graphs and device.type != "cuda":
             raise Skip("CUDA graphs need a CUDA device")
         if name == "auto":
             reason = "auto on CPU is the cpp row" if device.type == "cpu" else None
         else:
-            reason = backends.why_not(name, "set_attention", device)
+            reason = "; ".join(dispatch.reasons(name, "set_attention", device)) or None
         if reason is None and name == "triton" and device.type == "cpu":
             reason = "triton on CPU runs only in the interpreter (TRITON_INTERPRET=1): a test mode, not a benchmark"
         if reason is not None:
             raise Skip(reason)
         try:
-            self.engine = FastDM2S2(model, backend=name, cuda_graphs=graphs)
-            self.engine32 = FastDM2S2(model32, backend=name) if model32 is not model else self.engine
-        except backends.BackendUnavailable as exc:
+            self.engine = FastDM2S2(model, backend=name, tuning=tuning, cuda_graphs=graphs)
+            self.engine32 = (FastDM2S2(model32, backend=name, tuning=tuning) if model32 is not model
+                             else self.engine)
+        except dispatch.BackendUnavailable as exc:
             raise Skip(str(exc)) from None
         self.batch = work.batch
-        self.info = {}
-
-    def _run(self, engine):
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        if self.fast_launch:
-            import dm2s2_fast.triton as triton_backend
-            saved_fast, triton_backend.FAST_LAUNCH = triton_backend.FAST_LAUNCH, True
-        try:
-            return engine(self.batch)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k)
-                else:
-                    os.environ[k] = v
-            if self.fast_launch:
-                triton_backend.FAST_LAUNCH = saved_fast
+        self.info = {} if tuning is None else {"tuning": {"triton_fast_launch": True}}
 
     def call(self):
-        return self._run(self.engine) if self.env or self.fast_launch else self.engine(self.batch)
+        return self.engine(self.batch)
 
     def hidden(self, timed=False):
         engine = self.engine if timed else self.engine32
-        out = self._run(engine)
+        out = engine(self.batch)
         self.info["ops"] = dict(engine.last_backends)
         return out.hidden
 
@@ -368,13 +364,13 @@ class PoolRunner(Runner):
 
     def __init__(self, model: DM2S2, work: Workload, hidden: torch.Tensor):
         intra, inter, layout = model.intra_mra, model.inter_mra, work.batch.layout
-        self.args = (hidden, layout.cu_seqlens_segment, layout.cu_segments, intra.proj.weight,
+        self.args = (hidden, layout.cu_seqlens_segment, layout.cu_segments_per_sample, intra.proj.weight,
                      intra.proj.bias, intra.score, inter.proj.weight, inter.proj.bias, inter.score)
         self.head = model.head
-        name, self.pool = backends.resolve("mra_pool", "auto", hidden.device, self.args)
+        name, self.pool = dispatch.resolve("mra_pool", "auto", hidden.device, self.args)
         gelu_args = (torch.empty(1, self.head.hidden.weight.shape[0], device=hidden.device, dtype=hidden.dtype),
                      self.head.hidden.bias)
-        gname, self.bias_gelu = backends.resolve("bias_gelu", "auto", hidden.device, gelu_args)
+        gname, self.bias_gelu = dispatch.resolve("bias_gelu", "auto", hidden.device, gelu_args)
         self.info = {"ops": {"mra_pool": name, "bias_gelu": gname}}
 
     def call(self):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where one forward's time goes: torch.profiler over the engine on an `ads` batch (DESIGN §6).
+"""Where one forward's time goes: torch.profiler over the engine on an `ads` batch (docs/workloads.md).
 
 For each backend and batch size: the host time of a forward (wall, after warm-up, synchronized),
 the summed device time of its kernels and the launches per forward, then the profiler's table of
@@ -9,8 +9,8 @@ says which kernel or which host step to work on next (e.g. Triton eager: host-bo
     python bench/profile_model.py --device cuda --backends triton,cuda,auto+graphs --sizes 1,256 --out profile.json
 
 A backend named ``<name>+graphs`` runs with ``cuda_graphs=True`` and ``graph_max_rows=None`` (every
-size replays), to see what a replay costs beyond its kernels; ``triton+fastlaunch`` with
-``dm2s2_fast.triton.FAST_LAUNCH``.
+size replays), to see what a replay costs beyond its kernels; ``<name>+fastlaunch`` with
+``tuning=Tuning(triton_fast_launch=True)`` (Triton launches through ``FastLaunch``'s cache).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dm2s2_fast import DM2S2Config, convert  # noqa: E402
+from dm2s2_fast import DM2S2Config, Tuning, convert  # noqa: E402
 from dm2s2_fast.reference import DM2S2  # noqa: E402
 from dm2s2_fast.workloads import ads_batch  # noqa: E402
 
@@ -87,13 +87,13 @@ def main() -> int:
         batch = ads_batch(B, config, seed=B).to(device)  # fp32 features: the engine casts them
         for name in args.backends.split(","):
             backend, *flags = name.split("+")
+            unknown = sorted(set(flags) - {"graphs", "fastlaunch"})
+            if unknown:
+                ap.error(f"backend {name!r}: unknown flags {unknown} (known: +graphs, +fastlaunch)")
             options = {"cuda_graphs": True, "graph_max_rows": None} if "graphs" in flags else {}
             if "fastlaunch" in flags:
-                import dm2s2_fast.triton as triton_backend
-                triton_backend.FAST_LAUNCH = True
+                options["tuning"] = Tuning(triton_fast_launch=True)
             result = profile_one(convert(model, backend, **options), batch, device, args.iters, args.rows)
-            if "fastlaunch" in flags:
-                triton_backend.FAST_LAUNCH = False
             print(f"\n## backend {name}, B={B} ({batch.num_elements} rows): host {result['wall_ms']:.3f} ms a "
                   f"forward, kernels {result['device_ms']} ms, launches {result['launches']}")
             print(result.pop("table"))

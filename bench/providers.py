@@ -2,11 +2,10 @@
 results without it; peers.py builds the runners)."""
 
 # "<backend>+graphs": the engine with cuda_graphs=True (one graph replay per shape bucket);
-# "+fused": with DM2S2_TRITON_LINEAR=fused (the Triton GEMMs with fused epilogues) while it runs;
-# "+fusedgelu": DM2S2_TRITON_LINEAR=fused-gelu (only the GELU layer fused); "+fastlaunch": with
-# dm2s2_fast.triton.FAST_LAUNCH (DM2S2_TRITON_FAST_LAUNCH=1) while it runs.
-ENGINE_BACKENDS = ("auto", "torch", "cpp", "triton", "triton+fastlaunch", "cuda", "auto+graphs", "triton+graphs", "cuda+graphs",
-                   "triton+fused", "triton+fused+graphs", "triton+fusedgelu+graphs")
+# "+fastlaunch": the engine with tuning=Tuning(triton_fast_launch=True) (Triton launches through
+# FastLaunch's cache instead of JITFunction.run).
+ENGINE_BACKENDS = ("auto", "torch", "cpp", "triton", "triton+fastlaunch", "cuda", "auto+graphs", "triton+graphs",
+                   "cuda+graphs")
 PEERS = ("hf", "nested", "onnxruntime", "flex")
 # Table order: floor first, then the oracle, the engine, the peers, the pooling row.
 PROVIDERS = ("floor", "reference") + ENGINE_BACKENDS + PEERS + ("pool",)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Request latency as a ranking service sees it: host tensors in, scores on the host out.
 
-Each request is a different `ads` batch (DESIGN §6; a pool of seeded batches per size, taken in
+Each request is a different `ads` batch (docs/workloads.md; a pool of seeded batches per size, taken in
 turn): ``SequenceSet.from_jagged`` (validation) -> ``.to(device)`` (the packing plan and its copy) ->
 the engine -> ``logits.cpu()``. The pytest-benchmark suite times the forward on one prepared batch;
 this adds what every real request also pays, and on CUDA it shows what ``cuda_graphs=True`` buys

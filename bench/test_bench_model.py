@@ -1,4 +1,4 @@
-"""DM²S² on the DESIGN §6 ``ads`` workload: every provider × every batch size, one pytest-benchmark
+"""DM²S² on the ``ads`` workload (docs/workloads.md): every provider × every batch size, one pytest-benchmark
 result each. See bench/README.md for what each provider runs and how to read the numbers."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import peers
-from dm2s2_fast import backends
+from dm2s2_fast import dispatch
 
 ORT_IDLE_S = 0.1
 FLOPS_OF_SCOPE = {"model": "model", "encoder": "encoder", "floor": "linear", "pool": "pool"}
@@ -24,7 +24,7 @@ def test_model(benchmark, bench_state, bench_case):
         pytest.skip(f"{provider} raised at {st.broken[provider]} — not retried at other sizes")
     try:
         _run(benchmark, st, B, provider)
-    except (peers.Skip, backends.BackendUnavailable) as exc:
+    except (peers.Skip, dispatch.BackendUnavailable) as exc:
         pytest.skip(str(exc))
     except Exception as exc:
         if provider in peers.PEERS:  # a broken peer (import, export, compile) stays broken: save the time
@@ -51,7 +51,7 @@ def _run(benchmark, st, B: int, provider: str) -> None:
             if fp32_check and st.dtype != torch.float32:
                 try:  # a backend may serve only the low-precision dtype: check that one then
                     fp32_hidden = runner.hidden(False)
-                except backends.BackendUnavailable as exc:
+                except dispatch.BackendUnavailable as exc:
                     fp32_check = False
                     extra["parity_fp32_skipped"] = str(exc)[:300]
             elif fp32_check:

@@ -1,9 +1,10 @@
 """Find and load the compiled operator library (``dm2s2_fast/_C.so``, built from ``csrc/``).
 
 ``load()`` runs once per process and returns None when ``torch.ops.dm2s2_fast`` is ready, else the
-reason it is not (no library built, a load error, disabled by the environment). The cpp backend
-(and the cuda backend) report that reason through ``backends.availability()``; importing the
-package never needs the library.
+reason it is not (no library built, a load error, disabled by the environment). The cpp and cuda
+backends report that reason through ``dispatch.availability()``; importing the package never needs
+the library. ``register_fake`` lets each op's contract (``dm2s2_fast/ops/<op>.py``) declare its fake
+(meta) implementation at import; it is registered with torch once the library defines the op.
 
 Where it looks, first hit wins:
 1. ``$DM2S2_FAST_LIBRARY`` (a path to the .so), if set;
@@ -28,6 +29,20 @@ import torch
 _PATTERNS = ("_C.so", "_C.*.so", "_C.pyd", "_C.dylib")
 _lock = threading.Lock()
 _state: dict = {"done": False, "path": None, "reason": None}
+_pending_fakes: dict = {}  # op name -> fake implementation, until the library defines the op
+
+
+def register_fake(op: str):
+    """Decorator: ``fn`` is the fake (meta) implementation of ``dm2s2_fast::<op>``, for
+    torch.compile / torch.export. Registered now if the library is loaded, else when it loads."""
+    def deco(fn):
+        with _lock:
+            if _has_op(op):
+                torch.library.register_fake(f"dm2s2_fast::{op}")(fn)
+            else:
+                _pending_fakes[op] = fn
+        return fn
+    return deco
 
 
 def _package_dirs() -> list[str]:
@@ -82,6 +97,10 @@ def load() -> str | None:
             return _state["reason"]
         _state["reason"] = _load()
         _state["done"] = True
+        if _state["reason"] is None:
+            for op, fn in _pending_fakes.items():
+                torch.library.register_fake(f"dm2s2_fast::{op}")(fn)
+            _pending_fakes.clear()
         return _state["reason"]
 
 

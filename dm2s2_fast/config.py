@@ -1,4 +1,4 @@
-"""Model configuration: the modalities of a sample and the BERT encoder's sizes (DESIGN §1)."""
+"""Model configuration: the modalities of a sample and the BERT encoder's sizes (docs/model.md)."""
 from __future__ import annotations
 
 import math
@@ -114,7 +114,8 @@ class DM2S2Config:
 
     @classmethod
     def default_ads(cls, **overrides) -> "DM2S2Config":
-        """DESIGN §6 ``ads``: title, description, image patches, category on the all-MiniLM-L6 shape."""
+        """The ``ads`` workload's config (docs/workloads.md): title, description, image patches,
+        category on the all-MiniLM-L6 shape."""
         fields = dict(
             modalities=(
                 Modality("title", "tokens"),

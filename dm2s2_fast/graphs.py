@@ -16,12 +16,12 @@ The padded batch is a valid layout of a larger batch (every op's contract holds 
   than ``PAD_GROUP`` because of padding;
 - segments: the real ones, the pad segments, then zero-length ones up to a fixed count, all owned by
   the last sample (zero-length segments pool to z = 0 on every backend);
-- per modality: the real values, then pad entries at position 0 that all write the last pad row, up
-  to a power of two (their ids and features are whatever an earlier batch left there: valid ids
-  and finite features, since every batch was validated).
+- per modality: the real values, then pad entries at position 0 up to a power of two, each
+  writing a row of its own past the forward's rows (``embedding_rows``: every op's ``out_rows``
+  stay distinct); their ids and features are whatever an earlier batch left there: valid ids and
+  finite features, since every batch was validated.
 
-Pad rows start at zero or at the embedding of a valid entry, so everything computed from them stays
-finite (LayerNorm of a zero row is its bias, with eps > 0, which the config requires): a pad row
+Pad rows start at zero, so everything computed from them stays finite (LayerNorm of a zero row is its bias, with eps > 0, which the config requires): a pad row
 can never put a NaN into a real row, even in kernels that mask by multiplying by zero. Real outputs come first in
 every output and are sliced out (and copied, since the next replay overwrites the graph's buffers).
 """
@@ -37,7 +37,7 @@ import torch
 
 from ._intmath import next_pow2
 from .output import DM2S2Output
-from .sequence_set import HostPlan, SequenceSet
+from .data import HostPlan, SequenceSet
 
 GRAPH_DEVICE_TYPE = "cuda"  # where graphs replay (a CPU test of the engine's dispatch sets "cpu")
 PAD_GROUP = 64  # the most pad rows in one pad group/segment; also the floor of the max-length caps
@@ -87,7 +87,7 @@ def _max(a: np.ndarray) -> int:
 
 def bucket_for(plan: HostPlan, bucket_steps: int = 4) -> Bucket:
     """The bucket of a batch (given its ``layout.host`` plan)."""
-    # N + 1 rows at least: the pad entries of the embeddings need a pad row to write.
+    # N + 1 rows at least: the fill always lays out one pad sample.
     num_elements = round_geometric(plan.num_elements + 1, bucket_steps)
     return Bucket(
         num_elements=num_elements,
@@ -100,19 +100,24 @@ def bucket_for(plan: HostPlan, bucket_steps: int = 4) -> Bucket:
     )
 
 
-class PaddedBatch:
-    """Static device buffers holding one batch padded into ``bucket``: a layout for
-    ``FastDM2S2._run`` (offsets, max lengths, ``rows``, ``positions``) plus the padded ``values``.
-    ``fill`` writes a batch in place (one host→device copy per index dtype), so a graph captured on
-    these buffers replays on every batch of the bucket."""
+class PaddedLayout:
+    """Static device buffers holding one batch padded into ``bucket``: a ``data.Layout`` (offsets,
+    max lengths, ``rows``, ``positions``) plus the padded ``values``. ``fill`` writes a batch in
+    place (one host→device copy per index dtype), so a graph captured on these buffers replays on
+    every batch of the bucket."""
 
     def __init__(self, bucket: Bucket, config, value_dtypes: dict, device: torch.device):
         self.bucket = bucket
         self.num_elements = bucket.num_elements
+        caps = bucket.modality_rows
+        # The rows each modality's pad entries write (its first t of them are never used): after
+        # the forward's rows, one range per modality.
+        sink_starts = np.cumsum((bucket.num_elements,) + caps)
+        self._sinks = tuple(np.arange(start, start + cap) for start, cap in zip(sink_starts, caps))
+        self.embedding_rows = int(sink_starts[-1])
         self.max_seqlen_set = bucket.max_seqlen_set
         self.max_seqlen_segment = bucket.max_seqlen_segment
         pin = device.type == "cuda"
-        caps = bucket.modality_rows
         # All int64 index vectors in one buffer, all int32 offsets in another: two copies per fill.
         n64 = 2 * sum(caps)
         n32 = 2 * (bucket.num_samples + 1) + bucket.num_segments + 1
@@ -123,7 +128,7 @@ class PaddedBatch:
         self._copied = torch.cuda.Event() if pin else None  # the staging buffers are free again
         views64 = list(torch.split(self._dev64, [c for c in caps for _ in range(2)]))
         self.rows, self.positions = tuple(views64[0::2]), tuple(views64[1::2])
-        self.cu_seqlens_set, self.cu_segments, self.cu_seqlens_segment = torch.split(
+        self.cu_seqlens_set, self.cu_segments_per_sample, self.cu_seqlens_segment = torch.split(
             self._dev32, [bucket.num_samples + 1, bucket.num_samples + 1, bucket.num_segments + 1])
         self.values = {}
         for modality, cap in zip(config.modalities, caps):
@@ -140,13 +145,13 @@ class PaddedBatch:
             raise ValueError(f"this batch does not fit {bucket}")
         if self._copied is not None:
             self._copied.synchronize()  # the previous fill's copies have read the staging buffers
-        n, last_row = plan.num_elements, bucket.num_elements - 1
+        n = plan.num_elements
         offset = 0
         host64, host32 = self._host64.numpy(), self._host32.numpy()
-        for rows, positions, cap in zip(plan.rows, plan.positions, bucket.modality_rows):
+        for rows, positions, cap, sink in zip(plan.rows, plan.positions, bucket.modality_rows, self._sinks):
             t = rows.shape[0]
             host64[offset:offset + t] = rows
-            host64[offset + t:offset + cap] = last_row
+            host64[offset + t:offset + cap] = sink[t:]
             host64[offset + cap:offset + cap + t] = positions
             host64[offset + cap + t:offset + 2 * cap] = 0
             offset += 2 * cap
@@ -154,7 +159,7 @@ class PaddedBatch:
         pad_bounds = np.arange(n, bucket.num_elements, PAD_GROUP)[1:]
         n_pad, B, S = pad_bounds.shape[0] + 1, plan.lengths.shape[0], plan.num_segments
         samples = bucket.num_samples + 1
-        cu_set, cu_segments, cu_seg = np.split(host32, [samples, 2 * samples])
+        cu_set, cu_per_sample, cu_seg = np.split(host32, [samples, 2 * samples])
         cu_set[:B + 1] = plan.cu_seqlens_set
         cu_set[B + 1:bucket.batch_slots + 1] = n
         cu_set[bucket.batch_slots + 1:bucket.batch_slots + n_pad] = pad_bounds
@@ -162,11 +167,11 @@ class PaddedBatch:
         cu_seg[:S + 1] = plan.cu_seqlens_segment
         cu_seg[S + 1:S + n_pad] = pad_bounds
         cu_seg[S + n_pad:] = bucket.num_elements
-        cu_segments[:B + 1] = plan.cu_segments
-        cu_segments[B + 1:bucket.batch_slots + 1] = S
-        cu_segments[bucket.batch_slots + 1:bucket.batch_slots + n_pad + 1] = np.arange(S + 1, S + n_pad + 1)
-        cu_segments[bucket.batch_slots + n_pad + 1:] = S + n_pad
-        cu_segments[-1] = bucket.num_segments  # the last sample owns the zero-length segments
+        cu_per_sample[:B + 1] = plan.cu_segments_per_sample
+        cu_per_sample[B + 1:bucket.batch_slots + 1] = S
+        cu_per_sample[bucket.batch_slots + 1:bucket.batch_slots + n_pad + 1] = np.arange(S + 1, S + n_pad + 1)
+        cu_per_sample[bucket.batch_slots + n_pad + 1:] = S + n_pad
+        cu_per_sample[-1] = bucket.num_segments  # the last sample owns the zero-length segments
         self._dev64.copy_(self._host64, non_blocking=True)
         self._dev32.copy_(self._host32, non_blocking=True)
         if self._copied is not None:
@@ -204,7 +209,7 @@ def run_padded(engine, batch: SequenceSet, bucket: Bucket | None = None) -> DM2S
     """The engine's forward on ``batch`` padded into ``bucket`` (its own by default), eagerly: what
     a captured graph computes, on any device (tests compare it with the unpadded forward)."""
     bucket = bucket or bucket_for(batch.layout.host)
-    padded = PaddedBatch(bucket, engine.config, _value_dtypes(engine), batch.device)
+    padded = PaddedLayout(bucket, engine.config, _value_dtypes(engine), batch.device)
     padded.fill(batch)
     with torch.inference_mode():
         return PackedOutputs(engine._run(padded.values, padded, zero_rows=True)).result(batch, copy=False)
@@ -217,7 +222,7 @@ def _value_dtypes(engine) -> dict:
 
 @dataclass
 class _Graph:
-    padded: PaddedBatch
+    padded: PaddedLayout
     graph: "torch.cuda.CUDAGraph"
     outputs: PackedOutputs
 
@@ -334,7 +339,7 @@ class CUDAGraphRunner:
     def _capture(self, bucket: Bucket, batch: SequenceSet) -> _Graph:
         engine = self.engine
         caller = torch.cuda.current_stream()
-        padded = PaddedBatch(bucket, engine.config, _value_dtypes(engine), batch.device)
+        padded = PaddedLayout(bucket, engine.config, _value_dtypes(engine), batch.device)
         padded.fill(batch)
         # Warm up off the capture: Triton compiles, cuBLAS picks its kernels and workspace.
         side = torch.cuda.Stream()

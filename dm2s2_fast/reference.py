@@ -1,4 +1,4 @@
-"""The reference DM²S²: padded PyTorch modules that define the model (DESIGN §1).
+"""The reference DM²S²: padded PyTorch modules that define the model (docs/model.md).
 
 This is the numerical oracle every backend is tested against and the trainable form of the model;
 ``dm2s2_fast.convert`` turns it into the ragged engine sharing these very parameters.
@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import DM2S2Config
 from .output import DM2S2Output
-from .sequence_set import SequenceSet
+from .data import SequenceSet
 
 
 class Embeddings(nn.Module):
@@ -169,7 +169,7 @@ class DM2S2(nn.Module):
         """Load encoder, word, position and type tables from a Hugging Face BERT checkpoint directory.
 
         Modality m takes BERT's token-type row m where one exists; the others are drawn as BERT
-        draws them, N(0, the checkpoint's initializer_range) (DESIGN §1).
+        draws them, N(0, the checkpoint's initializer_range).
         """
         cfg = self.config
         with open(os.path.join(path, "config.json")) as f:

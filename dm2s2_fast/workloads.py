@@ -1,10 +1,11 @@
-"""DESIGN §6 workloads, seeded so that tests, the demo and the benchmarks see the same batches."""
+"""The workloads (docs/workloads.md), seeded so that tests, the demo and the benchmarks see the same
+batches."""
 from __future__ import annotations
 
 import torch
 
 from .config import DM2S2Config
-from .sequence_set import SequenceSet
+from .data import SequenceSet
 
 ADS_BATCH_SIZES = (1, 16, 64, 256)
 

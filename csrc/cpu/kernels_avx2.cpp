@@ -1,15 +1,18 @@
-// AVX2/FMA kernels. This translation unit alone is compiled with -mavx2 -mfma; cpu_ops.cpp calls
-// into it only when the running CPU reports both (run-time dispatch), so the same build runs on
-// any x86-64. Everything here has internal linkage (no inline function of a shared header is
+// AVX2/FMA kernels over fp32, bf16 and fp16 storage (fp32 compute). This translation unit alone is
+// compiled with -mavx2 -mfma -mf16c; cpu_ops.cpp calls into it only when the running CPU reports
+// all three (run-time dispatch), so the same build runs on any x86-64. Everything here has internal linkage (no inline function of a shared header is
 // instantiated with AVX2 code that the linker could pick for the baseline TUs), and no STL.
 #include <immintrin.h>
 #include <math.h>
 
+#include "convert_scalar.h"
 #include "kernels.h"
 
 namespace dm2s2_fast {
 namespace cpu {
 namespace {
+
+#include "convert_avx2.inc"
 
 // ---------------------------------------------------------------------------------------------
 // Vector math (fp32, 8 lanes).
@@ -134,135 +137,130 @@ struct Simd8 {
 
 #include "attention_simd.inc"
 
+template <class S>
 void attention(const AttnParams& p, int64_t g_begin, int64_t g_end, int64_t q_begin, int64_t q_end,
                int64_t head, float* scratch) {
-  attention_simd<Simd8>(p, g_begin, g_end, q_begin, q_end, head, scratch);
+  attention_simd<Simd8, S>(p, g_begin, g_end, q_begin, q_end, head, scratch);
 }
 
 // ---------------------------------------------------------------------------------------------
-// LayerNorm family.
+// LayerNorm family. A row's LayerNorm input is the sum of two (residual) or three (embedding)
+// rows; it is recomputed from the inputs in each of the three passes (sum, centred sum of squares,
+// normalise) instead of being stored: no scratch, any storage type, and y may alias an input.
 
-// Sum of y[0, d8) in four independent accumulators (one chain of 48 dependent adds for d = 384
-// would be latency-bound).
+// Sum of four independent accumulators (one chain of 48 dependent adds for d = 384 would be
+// latency-bound).
 inline __m256 sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
 }
 
-// y holds the LayerNorm input and `sum` its sum; normalise y in place (two-pass statistics:
-// the centred sum of squares, in fp32).
-inline void layernorm_finish(float* y, float sum, const float* w, const float* b, int64_t d, float eps) {
+template <class T, bool Three>
+struct RowSum {
+  const T* a;
+  const T* b;
+  const T* c3;
+  __m256 at(int64_t c) const {
+    const __m256 t = _mm256_add_ps(load8(a + c), load8(b + c));
+    return Three ? _mm256_add_ps(t, load8(c3 + c)) : t;
+  }
+  float scalar(int64_t c) const { return ld(a, c) + ld(b, c) + (Three ? ld(c3, c) : 0.f); }
+};
+
+template <class T, bool Three>
+inline void sum_layernorm_row(const RowSum<T, Three>& in, const float* w, const float* b, T* y, int64_t d,
+                              float eps) {
   const int64_t d8 = d & ~int64_t{7}, d32 = d & ~int64_t{31};
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t c = 0;
+  for (; c < d32; c += 32) {
+    s0 = _mm256_add_ps(s0, in.at(c));
+    s1 = _mm256_add_ps(s1, in.at(c + 8));
+    s2 = _mm256_add_ps(s2, in.at(c + 16));
+    s3 = _mm256_add_ps(s3, in.at(c + 24));
+  }
+  for (; c < d8; c += 8) s0 = _mm256_add_ps(s0, in.at(c));
+  float sum = hsum(sum4(s0, s1, s2, s3));
+  for (; c < d; ++c) sum += in.scalar(c);
   const float mean = sum / static_cast<float>(d);
   const __m256 vmean = _mm256_set1_ps(mean);
   __m256 q0 = _mm256_setzero_ps(), q1 = q0, q2 = q0, q3 = q0;
-  int64_t c = 0;
-  for (; c < d32; c += 32) {
-    const __m256 t0 = _mm256_sub_ps(_mm256_loadu_ps(y + c), vmean);
-    const __m256 t1 = _mm256_sub_ps(_mm256_loadu_ps(y + c + 8), vmean);
-    const __m256 t2 = _mm256_sub_ps(_mm256_loadu_ps(y + c + 16), vmean);
-    const __m256 t3 = _mm256_sub_ps(_mm256_loadu_ps(y + c + 24), vmean);
+  for (c = 0; c < d32; c += 32) {
+    const __m256 t0 = _mm256_sub_ps(in.at(c), vmean), t1 = _mm256_sub_ps(in.at(c + 8), vmean);
+    const __m256 t2 = _mm256_sub_ps(in.at(c + 16), vmean), t3 = _mm256_sub_ps(in.at(c + 24), vmean);
     q0 = _mm256_fmadd_ps(t0, t0, q0);
     q1 = _mm256_fmadd_ps(t1, t1, q1);
     q2 = _mm256_fmadd_ps(t2, t2, q2);
     q3 = _mm256_fmadd_ps(t3, t3, q3);
   }
   for (; c < d8; c += 8) {
-    const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(y + c), vmean);
+    const __m256 t = _mm256_sub_ps(in.at(c), vmean);
     q0 = _mm256_fmadd_ps(t, t, q0);
   }
   float sq = hsum(sum4(q0, q1, q2, q3));
-  for (; c < d; ++c) sq += (y[c] - mean) * (y[c] - mean);
+  for (; c < d; ++c) {
+    const float t = in.scalar(c) - mean;
+    sq += t * t;
+  }
   const float rstd = 1.f / sqrtf(sq / static_cast<float>(d) + eps);
   const __m256 vr = _mm256_set1_ps(rstd);
   for (c = 0; c < d8; c += 8) {
-    const __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(y + c), vmean), vr);
-    _mm256_storeu_ps(y + c, _mm256_fmadd_ps(t, _mm256_loadu_ps(w + c), _mm256_loadu_ps(b + c)));
+    const __m256 t = _mm256_mul_ps(_mm256_sub_ps(in.at(c), vmean), vr);
+    store8(y + c, _mm256_fmadd_ps(t, _mm256_loadu_ps(w + c), _mm256_loadu_ps(b + c)));
   }
-  for (; c < d; ++c) y[c] = (y[c] - mean) * rstd * w[c] + b[c];
+  for (; c < d; ++c) st(y, c, (in.scalar(c) - mean) * rstd * w[c] + b[c]);
 }
 
-// y = a + b (+ c3 when Three) over one row, returning the row's sum.
-template <bool Three>
-inline __m256 add3(const float* a, const float* b, const float* c3, int64_t c) {
-  const __m256 t = _mm256_add_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c));
-  return Three ? _mm256_add_ps(t, _mm256_loadu_ps(c3 + c)) : t;
+template <class T>
+void add_layernorm(const void* x_, int64_t x_row, const void* r_, int64_t r_row, const float* w, const float* b,
+                   void* y_, int64_t y_row, int64_t d, float eps, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(x_);
+  const T* r = static_cast<const T*>(r_);
+  T* y = static_cast<T*>(y_);
+  for (int64_t i = begin; i < end; ++i)
+    sum_layernorm_row(RowSum<T, false>{x + i * x_row, r + i * r_row, nullptr}, w, b, y + i * y_row, d, eps);
 }
 
-template <bool Three>
-inline float add_rows(float* y, const float* a, const float* b, const float* c3, int64_t d) {
-  const int64_t d8 = d & ~int64_t{7}, d32 = d & ~int64_t{31};
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-  int64_t c = 0;
-  for (; c < d32; c += 32) {
-    const __m256 t0 = add3<Three>(a, b, c3, c), t1 = add3<Three>(a, b, c3, c + 8);
-    const __m256 t2 = add3<Three>(a, b, c3, c + 16), t3 = add3<Three>(a, b, c3, c + 24);
-    _mm256_storeu_ps(y + c, t0);
-    _mm256_storeu_ps(y + c + 8, t1);
-    _mm256_storeu_ps(y + c + 16, t2);
-    _mm256_storeu_ps(y + c + 24, t3);
-    s0 = _mm256_add_ps(s0, t0);
-    s1 = _mm256_add_ps(s1, t1);
-    s2 = _mm256_add_ps(s2, t2);
-    s3 = _mm256_add_ps(s3, t3);
-  }
-  for (; c < d8; c += 8) {
-    const __m256 t = add3<Three>(a, b, c3, c);
-    _mm256_storeu_ps(y + c, t);
-    s0 = _mm256_add_ps(s0, t);
-  }
-  float sum = hsum(sum4(s0, s1, s2, s3));
-  for (; c < d; ++c) {
-    y[c] = a[c] + b[c] + (Three ? c3[c] : 0.f);
-    sum += y[c];
-  }
-  return sum;
-}
-
-void add_layernorm(const float* x, int64_t x_row, const float* r, int64_t r_row, const float* w,
-                   const float* b, float* y, int64_t y_row, int64_t d, float eps, int64_t begin,
-                   int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    float* yi = y + i * y_row;
-    const float sum = add_rows<false>(yi, x + i * x_row, r + i * r_row, nullptr, d);
-    layernorm_finish(yi, sum, w, b, d, eps);
-  }
-}
-
-void bias_gelu(const float* x, int64_t x_row, const float* b, float* y, int64_t y_row, int64_t f,
-               int64_t begin, int64_t end) {
+template <class T>
+void bias_gelu(const void* x_, int64_t x_row, const float* b, void* y_, int64_t y_row, int64_t f, int64_t begin,
+               int64_t end) {
+  const T* x = static_cast<const T*>(x_);
+  T* y = static_cast<T*>(y_);
   const int64_t f8 = f & ~int64_t{7};
   for (int64_t i = begin; i < end; ++i) {
-    const float* xi = x + i * x_row;
-    float* yi = y + i * y_row;
+    const T* xi = x + i * x_row;
+    T* yi = y + i * y_row;
     for (int64_t c = 0; c < f8; c += 8)
-      _mm256_storeu_ps(yi + c, gelu256(_mm256_add_ps(_mm256_loadu_ps(xi + c), _mm256_loadu_ps(b + c))));
+      store8(yi + c, gelu256(_mm256_add_ps(load8(xi + c), _mm256_loadu_ps(b + c))));
     for (int64_t c = f8; c < f; ++c) {
-      const float t = xi[c] + b[c];
-      yi[c] = 0.5f * t * (1.f + erff(t * 0.70710678118654752440f));
+      const float t = ld(xi, c) + b[c];
+      st(yi, c, 0.5f * t * (1.f + erff(t * 0.70710678118654752440f)));
     }
   }
 }
 
+template <class T>
 int64_t embed_layernorm(const EmbedParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.d;
+  const T* table = static_cast<const T*>(p.table);
+  const T* dense = static_cast<const T*>(p.dense);
+  const T* pos_table = static_cast<const T*>(p.pos_table);
+  const T* type_table = static_cast<const T*>(p.type_table);
+  T* out = static_cast<T*>(p.out);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t pos = p.positions[i], typ = p.type_ids[i], row = p.out_rows[i];
-    const float* content;
-    if (p.table) {
+    const T* content;
+    if (table) {
       const int64_t id = p.ids[i];
       if (id < 0 || id >= p.table_rows) return i;
-      content = p.table + id * p.table_row;
+      content = table + id * p.table_row;
     } else {
-      content = p.dense + i * p.dense_row;
+      content = dense + i * p.dense_row;
     }
     if (pos < 0 || pos >= p.pos_rows || typ < 0 || typ >= p.type_rows || row < 0 ||
         row >= p.out_rows_total)
       return i;
-    const float* pe = p.pos_table + pos * p.pos_row;
-    const float* te = p.type_table + typ * p.type_row;
-    float* y = p.out + row * p.out_row;
-    const float sum = add_rows<true>(y, content, pe, te, d);
-    layernorm_finish(y, sum, p.weight, p.bias, d, p.eps);
+    sum_layernorm_row(RowSum<T, true>{content, pos_table + pos * p.pos_row, type_table + typ * p.type_row},
+                      p.weight, p.bias, out + row * p.out_row, d, p.eps);
   }
   return -1;
 }
@@ -270,15 +268,18 @@ int64_t embed_layernorm(const EmbedParams& p, int64_t begin, int64_t end) {
 // ---------------------------------------------------------------------------------------------
 // MRA pooling.
 
-void mra_pool(const float* x, int64_t x_row, const float* pre, int64_t pre_row, const float* v,
-              int64_t a, const int32_t* cu, float* weights, float* pooled, int64_t pooled_row,
-              int64_t d, int64_t g_begin, int64_t g_end) {
+template <class T>
+void mra_pool(const void* x_, int64_t x_row, const float* pre, int64_t pre_row, const float* v, int64_t a,
+              const int32_t* cu, float* weights, void* pooled_, int64_t pooled_row, int64_t d, int64_t g_begin,
+              int64_t g_end) {
+  const T* x = static_cast<const T*>(x_);
+  T* pooled = static_cast<T*>(pooled_);
   const int64_t a8 = a & ~int64_t{7};
   for (int64_t g = g_begin; g < g_end; ++g) {
     const int64_t s0 = cu[g], s1 = cu[g + 1], L = s1 - s0;
-    float* z = pooled + g * pooled_row;
+    T* z = pooled + g * pooled_row;
     if (L <= 0) {
-      for (int64_t c = 0; c < d; ++c) z[c] = 0.f;
+      for (int64_t c = 0; c < d; ++c) st(z, c, 0.f);
       continue;
     }
     float m = -INFINITY;
@@ -303,31 +304,41 @@ void mra_pool(const float* x, int64_t x_row, const float* pre, int64_t pre_row, 
     for (; c + 64 <= d; c += 64) {
       __m256 acc[8];
       for (int n = 0; n < 8; ++n) acc[n] = _mm256_setzero_ps();
-      const float* xi = x + s0 * x_row + c;
+      const T* xi = x + s0 * x_row + c;
       for (int64_t i = s0; i < s1; ++i, xi += x_row) {
         const __m256 rw = _mm256_set1_ps((1.f + weights[i] * inv) * invl);
-        for (int n = 0; n < 8; ++n) acc[n] = _mm256_fmadd_ps(rw, _mm256_loadu_ps(xi + 8 * n), acc[n]);
+        for (int n = 0; n < 8; ++n) acc[n] = _mm256_fmadd_ps(rw, load8(xi + 8 * n), acc[n]);
       }
-      for (int n = 0; n < 8; ++n) _mm256_storeu_ps(z + c + 8 * n, acc[n]);
+      for (int n = 0; n < 8; ++n) store8(z + c + 8 * n, acc[n]);
     }
     for (; c + 8 <= d; c += 8) {
       __m256 acc = _mm256_setzero_ps();
-      const float* xi = x + s0 * x_row + c;
+      const T* xi = x + s0 * x_row + c;
       for (int64_t i = s0; i < s1; ++i, xi += x_row)
-        acc = _mm256_fmadd_ps(_mm256_set1_ps((1.f + weights[i] * inv) * invl), _mm256_loadu_ps(xi), acc);
-      _mm256_storeu_ps(z + c, acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps((1.f + weights[i] * inv) * invl), load8(xi), acc);
+      store8(z + c, acc);
     }
     for (; c < d; ++c) {
       float acc = 0.f;
-      const float* xi = x + s0 * x_row + c;
-      for (int64_t i = s0; i < s1; ++i, xi += x_row) acc += (1.f + weights[i] * inv) * invl * *xi;
-      z[c] = acc;
+      const T* xi = x + s0 * x_row + c;
+      for (int64_t i = s0; i < s1; ++i, xi += x_row) acc += (1.f + weights[i] * inv) * invl * ld(xi, 0);
+      st(z, c, acc);
     }
     for (int64_t i = s0; i < s1; ++i) weights[i] *= inv;
   }
 }
 
-const KernelTable kTable = {"avx2", attention, add_layernorm, bias_gelu, embed_layernorm, mra_pool};
+const KernelTable kTable = {
+    "avx2",
+    {attention<float>, attention<bf16_t>, attention<f16_t>},
+    {"avx2 fp32 (8 lanes)", "avx2, fp32 compute (bf16 converted as K, V and Q are staged)",
+     "avx2, fp32 compute (fp16 converted by F16C as K, V and Q are staged)"},
+    {add_layernorm<float>, add_layernorm<bf16_t>, add_layernorm<f16_t>},
+    {bias_gelu<float>, bias_gelu<bf16_t>, bias_gelu<f16_t>},
+    {embed_layernorm<float>, embed_layernorm<bf16_t>, embed_layernorm<f16_t>},
+    {mra_pool<float>, mra_pool<bf16_t>, mra_pool<f16_t>},
+    {nullptr, nullptr, nullptr},
+};
 
 }  // namespace
 

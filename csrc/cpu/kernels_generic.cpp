@@ -1,26 +1,34 @@
 // Portable scalar kernels (baseline ISA): the fallback when the CPU lacks AVX2/FMA, and a second
 // implementation the tests compare against. Same math and accumulation order as kernels_avx2.cpp
-// up to vectorisation (fp32 throughout, max-subtracted softmax, two-pass LayerNorm statistics).
+// up to vectorisation (fp32 throughout, max-subtracted softmax, two-pass LayerNorm statistics);
+// bf16/fp16 storage is converted as it is loaded and rounded once as it is stored.
 #include <math.h>
 #include <string.h>
 
+#include "convert_scalar.h"
 #include "kernels.h"
 
 namespace dm2s2_fast {
 namespace cpu {
 namespace {
 
+template <class T>
 void attention(const AttnParams& p, int64_t g_begin, int64_t g_end, int64_t q_begin, int64_t q_end,
                int64_t head, float* scratch) {
   const int64_t L = g_end - g_begin, D = p.D;
-  float* s = scratch;  // one row of scores
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+  float* s = scratch;      // one row of scores [L]
+  float* o = scratch + L;  // one output row [D], fp32
   for (int64_t i = q_begin; i < q_end; ++i) {
-    const float* qi = p.q + i * p.q_row + head * p.q_head;
+    const T* qi = q + i * p.q_row + head * p.q_head;
     float m = -INFINITY;
     for (int64_t j = 0; j < L; ++j) {
-      const float* kj = p.k + (g_begin + j) * p.k_row + head * p.k_head;
+      const T* kj = k + (g_begin + j) * p.k_row + head * p.k_head;
       float acc = 0.f;
-      for (int64_t d = 0; d < D; ++d) acc += qi[d] * kj[d];
+      for (int64_t d = 0; d < D; ++d) acc += ld(qi, d) * ld(kj, d);
       acc *= p.scale;
       s[j] = acc;
       m = acc > m ? acc : m;
@@ -31,88 +39,103 @@ void attention(const AttnParams& p, int64_t g_begin, int64_t g_end, int64_t q_be
       sum += s[j];
     }
     const float inv = 1.f / sum;
-    float* oi = p.out + i * p.o_row + head * p.o_head;
-    for (int64_t d = 0; d < D; ++d) oi[d] = 0.f;
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
     for (int64_t j = 0; j < L; ++j) {
-      const float* vj = p.v + (g_begin + j) * p.v_row + head * p.v_head;
+      const T* vj = v + (g_begin + j) * p.v_row + head * p.v_head;
       const float w = s[j];
-      for (int64_t d = 0; d < D; ++d) oi[d] += w * vj[d];
+      for (int64_t d = 0; d < D; ++d) o[d] += w * ld(vj, d);
     }
-    for (int64_t d = 0; d < D; ++d) oi[d] *= inv;
+    T* oi = out + i * p.o_row + head * p.o_head;
+    for (int64_t d = 0; d < D; ++d) st(oi, d, o[d] * inv);
   }
 }
 
-// y = (y - mean) / sqrt(var + eps) * w + b over one row already holding the LayerNorm input.
-inline void layernorm_row(float* y, const float* w, const float* b, int64_t d, float eps) {
+// y = LayerNorm(a + b (+ c)) * w + bias over one row, the sum recomputed from the inputs in each
+// pass (no scratch; y may alias a).
+template <class T, bool Three>
+inline void sum_layernorm_row(const T* a, const T* b, const T* c3, const float* w, const float* bias, T* y,
+                              int64_t d, float eps) {
   float sum = 0.f;
-  for (int64_t c = 0; c < d; ++c) sum += y[c];
+  for (int64_t c = 0; c < d; ++c) sum += ld(a, c) + ld(b, c) + (Three ? ld(c3, c) : 0.f);
   const float mean = sum / static_cast<float>(d);
   float sq = 0.f;
   for (int64_t c = 0; c < d; ++c) {
-    const float t = y[c] - mean;
+    const float t = ld(a, c) + ld(b, c) + (Three ? ld(c3, c) : 0.f) - mean;
     sq += t * t;
   }
   const float rstd = 1.f / sqrtf(sq / static_cast<float>(d) + eps);
-  for (int64_t c = 0; c < d; ++c) y[c] = (y[c] - mean) * rstd * w[c] + b[c];
-}
-
-void add_layernorm(const float* x, int64_t x_row, const float* r, int64_t r_row, const float* w,
-                   const float* b, float* y, int64_t y_row, int64_t d, float eps, int64_t begin,
-                   int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float* xi = x + i * x_row;
-    const float* ri = r + i * r_row;
-    float* yi = y + i * y_row;
-    for (int64_t c = 0; c < d; ++c) yi[c] = xi[c] + ri[c];
-    layernorm_row(yi, w, b, d, eps);
+  for (int64_t c = 0; c < d; ++c) {
+    const float t = ld(a, c) + ld(b, c) + (Three ? ld(c3, c) : 0.f);
+    st(y, c, (t - mean) * rstd * w[c] + bias[c]);
   }
 }
 
-void bias_gelu(const float* x, int64_t x_row, const float* b, float* y, int64_t y_row, int64_t f,
-               int64_t begin, int64_t end) {
+template <class T>
+void add_layernorm(const void* x_, int64_t x_row, const void* r_, int64_t r_row, const float* w, const float* b,
+                   void* y_, int64_t y_row, int64_t d, float eps, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(x_);
+  const T* r = static_cast<const T*>(r_);
+  T* y = static_cast<T*>(y_);
+  for (int64_t i = begin; i < end; ++i)
+    sum_layernorm_row<T, false>(x + i * x_row, r + i * r_row, nullptr, w, b, y + i * y_row, d, eps);
+}
+
+template <class T>
+void bias_gelu(const void* x_, int64_t x_row, const float* b, void* y_, int64_t y_row, int64_t f, int64_t begin,
+               int64_t end) {
+  const T* x = static_cast<const T*>(x_);
+  T* y = static_cast<T*>(y_);
   const float k = 0.70710678118654752440f;
   for (int64_t i = begin; i < end; ++i) {
-    const float* xi = x + i * x_row;
-    float* yi = y + i * y_row;
+    const T* xi = x + i * x_row;
+    T* yi = y + i * y_row;
     for (int64_t c = 0; c < f; ++c) {
-      const float t = xi[c] + b[c];
-      yi[c] = 0.5f * t * (1.f + erff(t * k));
+      const float t = ld(xi, c) + b[c];
+      st(yi, c, 0.5f * t * (1.f + erff(t * k)));
     }
   }
 }
 
+template <class T>
 int64_t embed_layernorm(const EmbedParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.d;
+  const T* table = static_cast<const T*>(p.table);
+  const T* dense = static_cast<const T*>(p.dense);
+  const T* pos_table = static_cast<const T*>(p.pos_table);
+  const T* type_table = static_cast<const T*>(p.type_table);
+  T* out = static_cast<T*>(p.out);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t pos = p.positions[i], typ = p.type_ids[i], row = p.out_rows[i];
-    const float* content;
-    if (p.table) {
+    const T* content;
+    if (table) {
       const int64_t id = p.ids[i];
       if (id < 0 || id >= p.table_rows) return i;
-      content = p.table + id * p.table_row;
+      content = table + id * p.table_row;
     } else {
-      content = p.dense + i * p.dense_row;
+      content = dense + i * p.dense_row;
     }
     if (pos < 0 || pos >= p.pos_rows || typ < 0 || typ >= p.type_rows || row < 0 ||
         row >= p.out_rows_total)
       return i;
-    const float* pe = p.pos_table + pos * p.pos_row;
-    const float* te = p.type_table + typ * p.type_row;
-    float* y = p.out + row * p.out_row;
-    for (int64_t c = 0; c < d; ++c) y[c] = content[c] + pe[c] + te[c];
-    layernorm_row(y, p.weight, p.bias, d, p.eps);
+    sum_layernorm_row<T, true>(content, pos_table + pos * p.pos_row, type_table + typ * p.type_row, p.weight,
+                               p.bias, out + row * p.out_row, d, p.eps);
   }
   return -1;
 }
 
-void mra_pool(const float* x, int64_t x_row, const float* pre, int64_t pre_row, const float* v,
-              int64_t a, const int32_t* cu, float* weights, float* pooled, int64_t pooled_row,
-              int64_t d, int64_t g_begin, int64_t g_end) {
+template <class T>
+void mra_pool(const void* x_, int64_t x_row, const float* pre, int64_t pre_row, const float* v, int64_t a,
+              const int32_t* cu, float* weights, void* pooled_, int64_t pooled_row, int64_t d, int64_t g_begin,
+              int64_t g_end) {
+  const T* x = static_cast<const T*>(x_);
+  T* pooled = static_cast<T*>(pooled_);
   for (int64_t g = g_begin; g < g_end; ++g) {
     const int64_t s0 = cu[g], s1 = cu[g + 1], L = s1 - s0;
-    float* z = pooled + g * pooled_row;
-    for (int64_t c = 0; c < d; ++c) z[c] = 0.f;
-    if (L <= 0) continue;
+    T* z = pooled + g * pooled_row;
+    if (L <= 0) {
+      for (int64_t c = 0; c < d; ++c) st(z, c, 0.f);
+      continue;
+    }
     float m = -INFINITY;
     for (int64_t i = s0; i < s1; ++i) {
       const float* pi = pre + i * pre_row;
@@ -127,16 +150,25 @@ void mra_pool(const float* x, int64_t x_row, const float* pre, int64_t pre_row, 
       sum += weights[i];
     }
     const float inv = 1.f / sum, invl = 1.f / static_cast<float>(L + 1);
-    for (int64_t i = s0; i < s1; ++i) {
-      weights[i] *= inv;
-      const float rw = (1.f + weights[i]) * invl;
-      const float* xi = x + i * x_row;
-      for (int64_t c = 0; c < d; ++c) z[c] += rw * xi[c];
+    for (int64_t i = s0; i < s1; ++i) weights[i] *= inv;
+    for (int64_t c = 0; c < d; ++c) {
+      float acc = 0.f;
+      for (int64_t i = s0; i < s1; ++i) acc += (1.f + weights[i]) * invl * ld(x + i * x_row, c);
+      st(z, c, acc);
     }
   }
 }
 
-const KernelTable kTable = {"generic", attention, add_layernorm, bias_gelu, embed_layernorm, mra_pool};
+const KernelTable kTable = {
+    "generic",
+    {attention<float>, attention<bf16_t>, attention<f16_t>},
+    {"generic fp32", "generic, fp32 compute (bf16 converted on load)", "generic, fp32 compute (fp16 converted on load)"},
+    {add_layernorm<float>, add_layernorm<bf16_t>, add_layernorm<f16_t>},
+    {bias_gelu<float>, bias_gelu<bf16_t>, bias_gelu<f16_t>},
+    {embed_layernorm<float>, embed_layernorm<bf16_t>, embed_layernorm<f16_t>},
+    {mra_pool<float>, mra_pool<bf16_t>, mra_pool<f16_t>},
+    {nullptr, nullptr, nullptr},
+};
 
 }  // namespace
 

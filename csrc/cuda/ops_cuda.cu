@@ -12,11 +12,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 // Weak: when the kernels (csrc/cuda/kernels/*.cu) are not linked in, the launchers resolve to
 // null, the library still loads, and no CUDA kernels are registered (the cuda backend then says so).
@@ -93,9 +95,27 @@ void check_vector(const at::Tensor& t, const char* name, int64_t n, const at::Te
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
+// The kernels take their scalars as fp32: NaN, inf or a value beyond fp32's range would be undefined
+// there, and a negative LayerNorm eps makes a constant row's variance negative (rsqrt -> NaN).
+void check_scalar(double value, const char* name, bool nonnegative) {
+  TORCH_CHECK(std::isfinite(value) && std::fabs(value) <= static_cast<double>(std::numeric_limits<float>::max()) &&
+                  (!nonnegative || value >= 0.0),
+              "dm2s2_fast (cuda): ", name, " must be a finite", nonnegative ? " non-negative" : "",
+              " number within fp32's range, got ", value);
+}
+
+// An output written in place must share no memory with what the kernel reads while other CTAs
+// write it. (Distinct out_rows are not checked here: that needs the indices on the host, a device
+// sync on every engine forward; the public op checks them, and a duplicate only races two complete
+// rows into one, never writes outside out.)
+void check_not_aliased(const at::Tensor& out, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(!t.defined() || t.numel() == 0 || !out.is_alias_of(t), "dm2s2_fast (cuda): out shares memory with ",
+              name, "; give a separate output buffer");
+}
+
 // ------------------------------------------------------------------ set_attention
 at::Tensor set_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                              const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+                              const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, int64_t variant) {
   TORCH_CHECK(q_in.is_cuda(), "dm2s2_fast (cuda): q must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(q_in.device());
   check_cuda(k_in, "k", q_in);
@@ -108,6 +128,7 @@ at::Tensor set_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
               "dm2s2_fast (cuda): q, k, v must share a shape, got ", q_in.sizes(), ", ", k_in.sizes(), ", ",
               v_in.sizes());
   TORCH_CHECK(max_seqlen >= 0, "dm2s2_fast (cuda): max_seqlen must be >= 0, got ", max_seqlen);
+  check_scalar(scale, "scale", false);
   const at::Tensor cu = offsets_int32(cu_seqlens, "cu_seqlens", q_in);
   const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
@@ -137,29 +158,26 @@ at::Tensor set_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, co
   a.head_dim = D;
   a.max_seqlen = max_seqlen;
   a.scale = static_cast<float>(scale);
-  // DM2S2_CUDA_ATTN_TILE=32|64|group forces the tiled tensor-core kernel of that tile, or the
-  // whole-group kernel (for tuning on a GPU; unset or anything else = the automatic choice).
-  if (const char* tile = std::getenv("DM2S2_CUDA_ATTN_TILE")) {
-    a.tile = std::strcmp(tile, "group") == 0 ? dm2s2::kAttnTileGroup : std::atoi(tile);
-    if (a.tile != 32 && a.tile != 64 && a.tile != dm2s2::kAttnTileGroup) a.tile = 0;
-  }
+  // variant: 0 picks from the group lengths; 32 / 64 force the tiled tensor-core kernel of that tile,
+  // kAttnTileGroup the whole-group kernel (Tuning.cuda_attention).
+  TORCH_CHECK(variant == 0 || variant == 32 || variant == 64 || variant == dm2s2::kAttnTileGroup,
+              "dm2s2_fast (cuda): set_attention variant must be 0, 32, 64 or ", dm2s2::kAttnTileGroup, ", got ", variant);
+  a.tile = static_cast<int>(variant);
   C10_CUDA_CHECK(dm2s2::set_attention(a, current_stream()));
   return out;
 }
 
 // ------------------------------------------------------------------ add_layernorm / bias_gelu
-// DM2S2_CUDA_LN=warp|half forces the LayerNorm row kernel (for tuning on a GPU; unset or anything
-// else = the automatic choice). Read per call, like DM2S2_CUDA_ATTN_TILE.
-int layernorm_variant() {
-  const char* v = std::getenv("DM2S2_CUDA_LN");
-  if (v == nullptr) return dm2s2::kLayerNormAuto;
-  if (std::strcmp(v, "warp") == 0) return dm2s2::kLayerNormWarp;
-  if (std::strcmp(v, "half") == 0) return dm2s2::kLayerNormHalf;
-  return dm2s2::kLayerNormAuto;
+// variant: the LayerNorm row kernel, kLayerNormAuto / kLayerNormWarp / kLayerNormHalf
+// (Tuning.cuda_layernorm).
+int layernorm_variant(int64_t variant) {
+  TORCH_CHECK(variant == dm2s2::kLayerNormAuto || variant == dm2s2::kLayerNormWarp || variant == dm2s2::kLayerNormHalf,
+              "dm2s2_fast (cuda): the LayerNorm variant must be 0 (auto), 1 (warp) or 2 (half), got ", variant);
+  return static_cast<int>(variant);
 }
 
 at::Tensor add_layernorm_cuda(const at::Tensor& x_in, const at::Tensor& residual_in, const at::Tensor& weight_in,
-                              const at::Tensor& bias_in, double eps) {
+                              const at::Tensor& bias_in, double eps, int64_t variant) {
   TORCH_CHECK(x_in.is_cuda(), "dm2s2_fast (cuda): x must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(x_in.device());
   const DType dt = dtype_of(x_in, "x");
@@ -171,13 +189,14 @@ at::Tensor add_layernorm_cuda(const at::Tensor& x_in, const at::Tensor& residual
   const int64_t N = x_in.size(0), d = x_in.size(1);
   check_vector(weight_in, "weight", d, x_in);
   check_vector(bias_in, "bias", d, x_in);
+  check_scalar(eps, "eps", true);
   const at::Tensor x = rows_contiguous(x_in), residual = rows_contiguous(residual_in);
   const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
   at::Tensor out = at::empty({N, d}, x.options());
   if (N == 0 || d == 0) return out;
   C10_CUDA_CHECK(dm2s2::add_layernorm(dt, x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
                                       weight.data_ptr(), bias.data_ptr(), out.data_ptr(), out.stride(0), N, d,
-                                      static_cast<float>(eps), current_stream(), layernorm_variant()));
+                                      static_cast<float>(eps), current_stream(), layernorm_variant(variant)));
   return out;
 }
 
@@ -202,7 +221,7 @@ void embed_layernorm_cuda(const at::Tensor& positions_in, const at::Tensor& type
                           const at::Tensor& weight_in, const at::Tensor& bias_in, double eps,
                           const std::optional<at::Tensor>& ids_in, const std::optional<at::Tensor>& table_in,
                           const std::optional<at::Tensor>& dense_in, at::Tensor& out,
-                          const at::Tensor& out_rows_in) {
+                          const at::Tensor& out_rows_in, int64_t variant) {
   const at::Tensor& like = position_table_in;
   TORCH_CHECK(like.is_cuda(), "dm2s2_fast (cuda): position_table must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(like.device());
@@ -226,6 +245,20 @@ void embed_layernorm_cuda(const at::Tensor& positions_in, const at::Tensor& type
   TORCH_CHECK(out.dim() == 2 && out.size(1) == d, "dm2s2_fast (cuda): out must be [N, ", d, "], got ",
               out.sizes());
   TORCH_CHECK(out.size(1) <= 1 || out.stride(1) == 1, "dm2s2_fast (cuda): out must have a contiguous last dim");
+  TORCH_CHECK(out.size(0) <= 1 || out.stride(0) >= d, "dm2s2_fast (cuda): out rows overlap (row stride ",
+              out.stride(0), " < ", d, ")");
+  check_scalar(eps, "eps", true);
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&position_table_in, "position_table"},
+                                {&type_table_in, "type_table"}, {&weight_in, "weight"}, {&bias_in, "bias"},
+                                {&positions_in, "positions"}, {&type_ids_in, "type_ids"}, {&out_rows_in, "out_rows"}}) {
+    check_not_aliased(out, *t, name);
+  }
+  if (has_ids) {
+    check_not_aliased(out, *ids_in, "ids");
+    check_not_aliased(out, *table_in, "table");
+  } else {
+    check_not_aliased(out, *dense_in, "dense");
+  }
   const at::Tensor positions = index_tensor(positions_in, "positions", n, like);
   const at::Tensor type_ids = index_tensor(type_ids_in, "type_ids", n, like);
   const at::Tensor out_rows = index_tensor(out_rows_in, "out_rows", n, like);
@@ -281,7 +314,7 @@ void embed_layernorm_cuda(const at::Tensor& positions_in, const at::Tensor& type
   a.out_rs = out.stride(0);
   a.out_rows = out_rows.data_ptr();
   a.out_rows_64 = out_rows.scalar_type() == at::kLong;
-  a.ln_variant = layernorm_variant();
+  a.ln_variant = layernorm_variant(variant);
   C10_CUDA_CHECK(dm2s2::embed_layernorm(a, current_stream()));
 }
 

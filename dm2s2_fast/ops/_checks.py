@@ -1,7 +1,17 @@
-"""Argument checks shared by the public ops: a bad call raises ValueError before any kernel runs."""
+"""Argument checks shared by the public ops: a bad call raises ValueError before any kernel runs.
+
+Also the one check every fake (meta) implementation makes: its tensors share one device. The
+dispatcher sends a call with one meta tensor among real ones to the fake (the Meta key wins), which
+would otherwise return uninitialised real memory — or, for ``embed_layernorm``, leave ``out``
+unwritten (docs/reliability.md#raw-ops).
+"""
 from __future__ import annotations
 
+import operator
+
 import torch
+
+from .. import dispatch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -95,3 +105,25 @@ def check_offsets(name: str, cu: torch.Tensor, total: int, like: torch.Tensor) -
 
 def max_group(cu: torch.Tensor) -> int:
     return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
+def check_backend(backend) -> None:
+    """``backend`` names a backend (an unknown name is a bad argument, not an unavailable backend)."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in dispatch.BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {dispatch.BACKENDS}, got {backend!r}")
+
+
+def check_int(name: str, value) -> int:
+    """An integer argument (Python or NumPy int, or a one-element integer tensor), as an int."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def check_fake_devices(op: str, *args) -> None:
+    """A fake implementation's guard: every tensor argument on one device (see the module docstring)."""
+    devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"dm2s2_fast::{op}: every tensor must be on one device, got "
+                         f"{', '.join(sorted(str(d) for d in devices))}")

@@ -1,21 +1,28 @@
-"""Bias + exact (erf) GELU, the BERT FFN epilogue."""
+"""Bias + exact (erf) GELU, the BERT FFN epilogue (docs/ops.md#bias_gelu)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .. import backends
-from ._checks import check_float, check_shape
+from .. import dispatch
+from .._extension import register_fake
+from ._checks import check_backend, check_fake_devices, check_float, check_shape
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """GELU(x + bias) with the exact erf GELU; x [N, f], bias [f]."""
+    check_backend(backend)
     check_float("x", x, 2)
     check_float("bias", bias, 1, like=x)
     check_shape("bias", bias, (x.shape[1],))
-    return backends.call("bias_gelu", backend, x.device, x, bias)
+    return dispatch.call("bias_gelu", backend, x.device, x, bias)
 
 
-@backends.register_kernel("bias_gelu", "torch")
-def bias_gelu_torch(x, bias):
+def bias_gelu_reference(x, bias):
     return F.gelu(x + bias)
+
+
+@register_fake("bias_gelu")
+def bias_gelu_fake(x, bias):
+    check_fake_devices("bias_gelu", x, bias)
+    return x.new_empty(x.shape)

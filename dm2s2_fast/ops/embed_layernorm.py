@@ -1,11 +1,14 @@
-"""Embedding gather (or projected dense input) + position + modality type + LayerNorm, fused."""
+"""Embedding gather (or projected dense input) + position + modality type + LayerNorm, fused
+(docs/ops.md#embed_layernorm)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .. import backends
-from ._checks import check_float, check_index, check_no_overlap, check_scalar, check_shape
+from .. import dispatch
+from .._extension import register_fake
+from ._checks import (check_backend, check_fake_devices, check_float, check_index, check_no_overlap, check_scalar,
+                      check_shape)
 
 
 def embed_layernorm(positions: torch.Tensor, type_ids: torch.Tensor, position_table: torch.Tensor,
@@ -20,6 +23,7 @@ def embed_layernorm(positions: torch.Tensor, type_ids: torch.Tensor, position_ta
     written to ``out[out_rows[i]]`` in place and ``out`` is returned — how the engine packs each
     modality into the sample-major layout without a second pass; else a new [n, d] is returned.
     """
+    check_backend(backend)
     check_float("position_table", position_table, 2)
     d = position_table.shape[1]
     like = position_table
@@ -33,6 +37,8 @@ def embed_layernorm(positions: torch.Tensor, type_ids: torch.Tensor, position_ta
     if ids is not None:
         check_float("table", table, 2, like=like)
         check_shape("table", table, (table.shape[0], d))
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"ids must be a 1-D int32/int64 tensor, got {type(ids).__name__}")
         n = ids.numel()
         check_index("ids", ids, n, like, 0, table.shape[0])
     else:
@@ -53,25 +59,16 @@ def embed_layernorm(positions: torch.Tensor, type_ids: torch.Tensor, position_ta
         # The kernels read inputs while other threads write rows of out: no input may live there.
         out_storage = out.untyped_storage().data_ptr()
         for name, t in (("dense", dense), ("table", table), ("position_table", position_table),
-                        ("type_table", type_table), ("weight", weight), ("bias", bias)):
+                        ("type_table", type_table), ("weight", weight), ("bias", bias), ("ids", ids),
+                        ("positions", positions), ("type_ids", type_ids), ("out_rows", out_rows)):
             if t is not None and t.numel() and t.untyped_storage().data_ptr() == out_storage:
                 raise ValueError(f"out shares memory with {name}; give a separate output buffer")
-    return backends.call("embed_layernorm", backend, like.device, positions, type_ids, position_table,
+    return dispatch.call("embed_layernorm", backend, like.device, positions, type_ids, position_table,
                          type_table, weight, bias, check_scalar("eps", eps, nonnegative=True), ids, table, dense, out, out_rows)
 
 
-def out_layout_reason(out: torch.Tensor | None, backend: str) -> str | None:
-    """Why a compiled kernel cannot write rows of ``out`` in place (None when it can): they store
-    each row with unit stride."""
-    if out is not None and out.shape[1] > 1 and out.stride(1) != 1:
-        return (f"{backend} embed_layernorm writes rows of out in place: out's last dim must be contiguous, "
-                f"got strides {tuple(out.stride())}")
-    return None
-
-
-@backends.register_kernel("embed_layernorm", "torch")
-def embed_layernorm_torch(positions, type_ids, position_table, type_table, weight, bias, eps,
-                          ids, table, dense, out, out_rows):
+def embed_layernorm_reference(positions, type_ids, position_table, type_table, weight, bias, eps,
+                              ids, table, dense, out, out_rows):
     content = table[ids] if ids is not None else dense
     e = content + position_table[positions] + type_table[type_ids]
     y = F.layer_norm(e, (e.shape[-1],), weight, bias, eps)
@@ -79,3 +76,11 @@ def embed_layernorm_torch(positions, type_ids, position_table, type_table, weigh
         return y
     out[out_rows] = y
     return out
+
+
+@register_fake("embed_layernorm")
+def embed_layernorm_fake(positions, type_ids, position_table, type_table, weight, bias, eps, ids, table,
+                         dense, out, out_rows, variant=0):
+    check_fake_devices("embed_layernorm", positions, type_ids, position_table, type_table, weight, bias, ids, table,
+                       dense, out, out_rows)
+    return None  # writes rows of ``out`` in place

@@ -1,4 +1,5 @@
-"""IntraMRA and InterMRA: score, segment softmax (max-subtracted), residual pooling (DESIGN §1).
+"""IntraMRA and InterMRA: score, segment softmax (max-subtracted), residual pooling
+(docs/model.md#intramra, docs/ops.md#intra_mra-inter_mra-mra_pool).
 
 intra_mra: per segment of h, ``α = softmax(vᵀ tanh(W h + c))``, ``z = Σ (1 + α_i) h_i / (L + 1)``.
 inter_mra: per sample over its segments' z, ``β = softmax(uᵀ tanh(U z + g))``,
@@ -10,48 +11,55 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends
-from ._checks import check_float, check_offsets, check_shape
+from .. import dispatch
+from .._extension import register_fake
+from ._checks import check_backend, check_fake_devices, check_float, check_offsets, check_shape
 
 
-def _check_scorer(prefix: str, W, c, v, x: torch.Tensor) -> None:
-    check_float(f"{prefix}W", W, 2, like=x)
+def _check_scorer(names: str, W, c, v, x: torch.Tensor) -> None:
+    """A scorer's projection [a, d], its bias [a] and score vector [a]; ``names`` as the op's
+    parameters call them ("Wcv" for IntraMRA, "Ugu" for InterMRA)."""
+    nw, nc, nv = names
+    check_float(nw, W, 2, like=x)
     a = W.shape[0]
-    check_shape(f"{prefix}W", W, (a, x.shape[1]))
-    check_float(f"{prefix}c", c, 1, like=x)
-    check_shape(f"{prefix}c", c, (a,))
-    check_float(f"{prefix}v", v, 1, like=x)
-    check_shape(f"{prefix}v", v, (a,))
+    check_shape(nw, W, (a, x.shape[1]))
+    check_float(nc, c, 1, like=x)
+    check_shape(nc, c, (a,))
+    check_float(nv, v, 1, like=x)
+    check_shape(nv, v, (a,))
 
 
 def intra_mra(h: torch.Tensor, cu_seqlens_segment: torch.Tensor, W: torch.Tensor, c: torch.Tensor,
               v: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """h [N, d], cu_seqlens_segment [S+1] int32 → z [S, d], α [N] (fp32)."""
+    check_backend(backend)
     check_float("h", h, 2)
     check_offsets("cu_seqlens_segment", cu_seqlens_segment, h.shape[0], h)
-    _check_scorer("", W, c, v, h)
-    return backends.call("intra_mra", backend, h.device, h, cu_seqlens_segment, W, c, v)
+    _check_scorer("Wcv", W, c, v, h)
+    return dispatch.call("intra_mra", backend, h.device, h, cu_seqlens_segment, W, c, v)
 
 
-def inter_mra(z: torch.Tensor, cu_segments: torch.Tensor, U: torch.Tensor, g: torch.Tensor,
+def inter_mra(z: torch.Tensor, cu_segments_per_sample: torch.Tensor, U: torch.Tensor, g: torch.Tensor,
               u: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """z [S, d], cu_segments [B+1] int32 (segments per sample) → r [B, d], β [S] (fp32)."""
+    """z [S, d], cu_segments_per_sample [B+1] int32 → r [B, d], β [S] (fp32)."""
+    check_backend(backend)
     check_float("z", z, 2)
-    check_offsets("cu_segments", cu_segments, z.shape[0], z)
-    _check_scorer("", U, g, u, z)
-    return backends.call("inter_mra", backend, z.device, z, cu_segments, U, g, u)
+    check_offsets("cu_segments_per_sample", cu_segments_per_sample, z.shape[0], z)
+    _check_scorer("Ugu", U, g, u, z)
+    return dispatch.call("inter_mra", backend, z.device, z, cu_segments_per_sample, U, g, u)
 
 
-def mra_pool(h: torch.Tensor, cu_seqlens_segment: torch.Tensor, cu_segments: torch.Tensor,
+def mra_pool(h: torch.Tensor, cu_seqlens_segment: torch.Tensor, cu_segments_per_sample: torch.Tensor,
              W: torch.Tensor, c: torch.Tensor, v: torch.Tensor, U: torch.Tensor, g: torch.Tensor,
              u: torch.Tensor, *, backend: str = "auto"):
     """IntraMRA then InterMRA in one call → (z [S, d], r [B, d], α [N], β [S])."""
+    check_backend(backend)
     check_float("h", h, 2)
     num_segments = check_offsets("cu_seqlens_segment", cu_seqlens_segment, h.shape[0], h)
-    check_offsets("cu_segments", cu_segments, num_segments, h)
-    _check_scorer("intra ", W, c, v, h)
-    _check_scorer("inter ", U, g, u, h)
-    return backends.call("mra_pool", backend, h.device, h, cu_seqlens_segment, cu_segments,
+    check_offsets("cu_segments_per_sample", cu_segments_per_sample, num_segments, h)
+    _check_scorer("Wcv", W, c, v, h)
+    _check_scorer("Ugu", U, g, u, h)
+    return dispatch.call("mra_pool", backend, h.device, h, cu_seqlens_segment, cu_segments_per_sample,
                          W, c, v, U, g, u)
 
 
@@ -80,18 +88,39 @@ def _residual_softmax_pool(x: torch.Tensor, cu: torch.Tensor, W, c, v):
     return pooled.to(x.dtype), weights.to(torch.promote_types(acc, torch.float32))
 
 
-@backends.register_kernel("intra_mra", "torch")
-def intra_mra_torch(h, cu_seqlens_segment, W, c, v):
+def intra_mra_reference(h, cu_seqlens_segment, W, c, v):
     return _residual_softmax_pool(h, cu_seqlens_segment, W, c, v)
 
 
-@backends.register_kernel("inter_mra", "torch")
-def inter_mra_torch(z, cu_segments, U, g, u):
-    return _residual_softmax_pool(z, cu_segments, U, g, u)
+def inter_mra_reference(z, cu_segments_per_sample, U, g, u):
+    return _residual_softmax_pool(z, cu_segments_per_sample, U, g, u)
 
 
-@backends.register_kernel("mra_pool", "torch")
-def mra_pool_torch(h, cu_seqlens_segment, cu_segments, W, c, v, U, g, u):
+def mra_pool_reference(h, cu_seqlens_segment, cu_segments_per_sample, W, c, v, U, g, u):
     z, alpha = _residual_softmax_pool(h, cu_seqlens_segment, W, c, v)
-    r, beta = _residual_softmax_pool(z, cu_segments, U, g, u)
+    r, beta = _residual_softmax_pool(z, cu_segments_per_sample, U, g, u)
+    return z, r, alpha, beta
+
+
+def _pooled_fake(x, cu):
+    return x.new_empty((cu.shape[0] - 1, x.shape[1])), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@register_fake("intra_mra")
+def intra_mra_fake(h, cu_seqlens_segment, W, c, v):
+    check_fake_devices("intra_mra", h, cu_seqlens_segment, W, c, v)
+    return _pooled_fake(h, cu_seqlens_segment)
+
+
+@register_fake("inter_mra")
+def inter_mra_fake(z, cu_segments_per_sample, U, g, u):
+    check_fake_devices("inter_mra", z, cu_segments_per_sample, U, g, u)
+    return _pooled_fake(z, cu_segments_per_sample)
+
+
+@register_fake("mra_pool")
+def mra_pool_fake(h, cu_seqlens_segment, cu_segments_per_sample, W, c, v, U, g, u):
+    check_fake_devices("mra_pool", h, cu_seqlens_segment, cu_segments_per_sample, W, c, v, U, g, u)
+    z, alpha = _pooled_fake(h, cu_seqlens_segment)
+    r, beta = _pooled_fake(z, cu_segments_per_sample)
     return z, r, alpha, beta

@@ -1,4 +1,5 @@
-"""Masked set attention over packed groups (FlashAttention's varlen contract, bidirectional)."""
+"""Masked set attention over packed groups: FlashAttention's varlen contract, bidirectional
+(docs/ops.md#set_attention)."""
 from __future__ import annotations
 
 import math
@@ -6,8 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import backends
-from ._checks import check_float, check_offsets, check_scalar, max_group
+from .. import dispatch
+from .._extension import register_fake
+from ._checks import check_backend, check_fake_devices, check_float, check_int, check_offsets, check_scalar, max_group
 
 
 def set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -19,6 +21,8 @@ def set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     checked: a pass over them would cost as much as the op); a NaN or inf in one group may reach
     other groups' outputs on backends that tile several groups together (Triton's packed mode).
     """
+    check_backend(backend)
+    max_seqlen = check_int("max_seqlen", max_seqlen)
     check_float("q", q, 3)
     check_float("k", k, 3, like=q)
     check_float("v", v, 3, like=q)
@@ -26,26 +30,17 @@ def set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
         raise ValueError(f"q, k, v must share a shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     check_offsets("cu_seqlens", cu_seqlens, q.shape[0], q)
     longest = max_group(cu_seqlens.cpu())
-    if int(max_seqlen) < longest:
+    if max_seqlen < longest:
         raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest group ({longest})")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0  # D = 0: nothing to scale
     scale = check_scalar("scale", scale)
-    return backends.call("set_attention", backend, q.device, q, k, v, cu_seqlens, int(max_seqlen), scale)
+    return dispatch.call("set_attention", backend, q.device, q, k, v, cu_seqlens, max_seqlen, scale)
 
 
-@backends.register_kernel("set_attention", "torch")
-def set_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale):
-    # On CUDA one padded sdpa call: the per-group loop reads the offsets back to the host, which
-    # stalls the stream and cannot be captured in a CUDA graph. On CPU the loop is the faster one
-    # (ads B=64: 30 ms against 52 padded).
-    if q.is_cuda:
-        return set_attention_padded(q, k, v, cu_seqlens, max_seqlen, scale)
-    return set_attention_per_group(q, k, v, cu_seqlens, max_seqlen, scale)
-
-
-def set_attention_padded(q, k, v, cu_seqlens, max_seqlen, scale):
-    """Groups padded to ``max_seqlen`` with a key mask, one sdpa call; no host sync."""
+def set_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale):
+    """Groups padded to ``max_seqlen`` with a key mask, one sdpa call; no host sync (so a CUDA
+    graph can capture it)."""
     n, heads, dim = q.shape
     groups = cu_seqlens.numel() - 1
     cu = cu_seqlens.long()
@@ -66,14 +61,7 @@ def set_attention_padded(q, k, v, cu_seqlens, max_seqlen, scale):
     return out.transpose(1, 2)[group, position]
 
 
-def set_attention_per_group(q, k, v, cu_seqlens, max_seqlen, scale):
-    """One sdpa call per group (reads the offsets on the host)."""
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        # [L, H, D] -> [H, L, D]: one group, every row sees every row of its group.
-        qg, kg, vg = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(qg, kg, vg, scale=scale).transpose(0, 1)
-    return out
+@register_fake("set_attention")
+def set_attention_fake(q, k, v, cu_seqlens, max_seqlen, scale, variant=0):
+    check_fake_devices("set_attention", q, k, v, cu_seqlens)
+    return q.new_empty(q.shape)

@@ -1,6 +1,6 @@
 // bias_gelu: out = GELU(x + bias) with the exact erf GELU, in fp32, 16-byte accesses.
 //
-// Floor, DESIGN §6 `ads`, B=256 (N ~ 26-29k, FFN width f = 1536), bf16: read x + write out =
+// Floor, the `ads` workload (docs/workloads.md), B=256 (N ~ 26-29k, FFN width f = 1536), bf16: read x + write out =
 // 2 * 26.4k*1536*2 B = 162 MB -> ~38 us at 4.3 TB/s. Arithmetic: erff compiles to ~25 SASS
 // instructions (1 SFU op) an element; ~40.6M elements * ~28 issued / (132 SM * 128 lanes *
 // 1.98 GHz) ~ 34 us: just under the memory floor, so loads must stay in flight while the ALUs

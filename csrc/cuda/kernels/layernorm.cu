@@ -1,10 +1,10 @@
 // add_layernorm and embed_layernorm: two rows per warp (a half-warp per row; d up to 96 16-byte
 // chunks) or one warp per row (d up to 256 chunks), 16-byte accesses, the row kept in registers,
 // two-pass mean/variance in fp32; a block-per-row kernel for wide or unaligned rows.
-// Variant (DM2S2_CUDA_LN=warp|half, for comparing on a GPU): kLayerNormAuto picks the half-warp
+// Variant (Tuning(cuda_layernorm="warp"|"half"), for comparing on a GPU): kLayerNormAuto picks the half-warp
 // kernel whenever the row fits it.
 //
-// Floors, DESIGN §6 `ads`, B=256 (N ~ 29k packed elements, d = 384), bf16, against the measured
+// Floors, the `ads` workload (docs/workloads.md), B=256 (N ~ 29k packed elements, d = 384), bf16, against the measured
 // ~4.3 TB/s copy bandwidth of the H200 (bytes read + written):
 //   add_layernorm  : read x, residual (2 * N*d*2 B) + write out (N*d*2 B) = 3 * 29k*384*2 = 67 MB
 //                    -> 15.5 us; ~8 flop/element (negligible).

@@ -14,7 +14,7 @@
 // cores with 2 CTAs per SM and ragged tiles; tiling rows independently of segment boundaries keeps
 // full 128-row tiles and spreads the work over every SM; the pool pass is memory-bound and cheap.
 //
-// Floors, DESIGN §6 `ads`, B=256 (N = 26417 elements, S = 974 segments, d = a = 384), bf16:
+// Floors, the `ads` workload (docs/workloads.md), B=256 (N = 26417 elements, S = 974 segments, d = a = 384), bf16:
 //   intra scores: 2*N*d*a = 7.8 GFLOP -> ~10 us at 790 TFLOP/s; reads h (20 MB) + W (0.3 MB)
 //                 -> ~5 us: compute-bound (mma.sync runs well under the wgmma peak: expect
 //                 ~15-20 us). tanh: N*a = 10M, 2 SFU ops each -> ~5 us, overlapped with the MMAs.

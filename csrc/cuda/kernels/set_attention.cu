@@ -1,7 +1,7 @@
 // set_attention: bidirectional softmax attention inside each packed group (FlashAttention's varlen
 // contract), online softmax in fp32, never across groups, no padding in memory.
 //
-// Floors, DESIGN §6 `ads`, B=256 (dm2s2_fast.workloads seed 0: N = 26417, groups = samples of
+// Floors, the `ads` workload (docs/workloads.md), B=256 (dm2s2_fast.workloads seed 0: N = 26417, groups = samples of
 // 27..200 elements, mean 103, sum L^2 = 3.12M), H = 12, D = 32, bf16:
 //   bytes : read q, k, v + write out = 4 * N*H*D*2 = 81 MB -> ~19 us at 4.3 TB/s.
 //   flops : 4 * sum_g L_g^2 * H * D = 4.8 GFLOP -> ~6 us at 790 TFLOP/s (bf16).
@@ -24,7 +24,7 @@
 // Whole-group path (fp16/bf16, D in {32, 64}; the default when the mean group exceeds 48 rows and
 // the longest fits 48 KB of shared memory for Q, K and V - ads sets: 200 rows x 64 B x 3 = 39 KB):
 // one CTA per (head, group) stages the group once and loops its warps over 16-row query tiles, see
-// attn_group_kernel. DM2S2_CUDA_ATTN_TILE=32|64|group (ops_cuda.cu) forces a path, for tuning.
+// attn_group_kernel. Tuning(cuda_attention="tile32"|"tile64"|"group") forces a path, for tuning.
 //
 // SIMT path (fp32, other head dims up to 256, unaligned views): one warp per (row, head), keys in
 // chunks of 32 (one per lane), online softmax, exact fp32 arithmetic (the fp32 contract is 1e-5).
