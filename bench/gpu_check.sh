@@ -72,7 +72,7 @@ run_tests() {
   # the list (paths, pytest's node ids or options).
   # shellcheck disable=SC2086  # TESTS is a word list on purpose
   stage tests 200 "$OUT/tests.log" env DM2S2_FAST_REQUIRE_CUDA=1 "$PY" -m pytest -q -rfEs -p no:cacheprovider \
-    --junitxml="$OUT/junit.xml" ${TESTS:-tests/ops tests/backends tests/model/test_model_backends.py tests/graphs tests/data tests/export/test_compile.py}
+    --junitxml="$OUT/junit.xml" ${TESTS:-tests/ops tests/backends tests/model/test_model_backends.py tests/graphs tests/data tests/export/test_compile.py tests/serving/test_ranker.py}
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40 >> "$SUMMARY"
   tail -3 "$OUT/tests.log" >> "$SUMMARY"
 }

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 # The test paths the script's stages run (its defaults).
 TESTS_DEFAULT = ("tests/ops", "tests/backends", "tests/model/test_model_backends.py", "tests/graphs", "tests/data",
-                 "tests/export/test_compile.py")
+                 "tests/export/test_compile.py", "tests/serving/test_ranker.py")
 FASTLAUNCH_PATHS = ("tests/ops", "tests/model/test_model_backends.py", "tests/graphs")
 FUZZ_PATH = "tests/model/test_fuzz_configs.py"
 
