@@ -99,6 +99,8 @@ def server_env(base: dict | None = None) -> dict:
     if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
         dirs.append(site.getusersitepackages())
     dirs += [p for p in sys.path if p.endswith("site-packages") and p not in dirs]
+    # the launcher's own dm2s2_fast first, so that a source checkout on PYTHONPATH serves itself
+    dirs.insert(0, str(Path(__file__).resolve().parents[3]))
     env["DM2S2_FAST_SITE_DIRS"] = os.pathsep.join(dirs)
     # on the path from the start: the stub imports numpy (triton_python_backend_utils) before model.py
     env["PYTHONPATH"] = os.pathsep.join(dirs + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
