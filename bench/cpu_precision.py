@@ -41,7 +41,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -52,15 +51,11 @@ from dm2s2_fast.backends import cpp as cpp_backend  # noqa: E402
 from dm2s2_fast.config import DM2S2Config  # noqa: E402
 from dm2s2_fast.reference import DM2S2  # noqa: E402
 from dm2s2_fast.workloads import ads_batch, padded_tokens  # noqa: E402
-from bench.peers import cpu_model, make_model  # noqa: E402
+from bench.peers import PaddedEncoder, Skip, cpu_model, make_hf_bert, make_model, relative_error  # noqa: E402
 
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
 PARITY = {torch.float32: 2e-4, torch.bfloat16: 5e-2}
-
-
-class Skip(Exception):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -224,44 +219,6 @@ class Floor(Provider):
                     lin(a, p, b, "none", [], "")
 
 
-def make_hf_bert(model: DM2S2):
-    """A ``transformers.BertModel`` (sdpa, no pooler) holding ``model``'s embedding and encoder weights."""
-    try:
-        from transformers import BertConfig, BertModel
-    except Exception as exc:
-        raise Skip(f"transformers not importable: {type(exc).__name__}: {exc}") from None
-    cfg = model.config
-    hf_cfg = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-                        max_position_embeddings=cfg.max_positions, type_vocab_size=cfg.num_modalities,
-                        hidden_act="gelu", layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
-    bert = BertModel(hf_cfg, add_pooling_layer=False)
-    emb = model.embeddings
-    state = {"embeddings.word_embeddings.weight": emb.word.weight,
-             "embeddings.position_embeddings.weight": emb.position.weight,
-             "embeddings.token_type_embeddings.weight": emb.token_type.weight,
-             "embeddings.LayerNorm.weight": emb.layer_norm.weight, "embeddings.LayerNorm.bias": emb.layer_norm.bias}
-    for i, layer in enumerate(model.layers):
-        p = f"encoder.layer.{i}."
-        for j, name in enumerate(("query", "key", "value")):
-            state[p + f"attention.self.{name}.weight"] = layer.qkv.weight.chunk(3)[j]
-            state[p + f"attention.self.{name}.bias"] = layer.qkv.bias.chunk(3)[j]
-        for module, name in ((layer.attention_output, "attention.output.dense"),
-                             (layer.attention_norm, "attention.output.LayerNorm"),
-                             (layer.intermediate, "intermediate.dense"), (layer.output, "output.dense"),
-                             (layer.output_norm, "output.LayerNorm")):
-            state[p + name + ".weight"] = module.weight
-            state[p + name + ".bias"] = module.bias
-    params = dict(bert.named_parameters())
-    if set(params) != set(state):
-        raise Skip(f"BertModel parameter names changed: {sorted(set(params) ^ set(state))[:4]}")
-    with torch.no_grad():
-        for k, v in state.items():
-            params[k].copy_(v.detach().float())
-    return bert.eval()
-
-
 def hf_inputs(work: Work, dtype=torch.float32) -> dict:
     return dict(inputs_embeds=work.pad_content.to(dtype), attention_mask=work.mask.long(),
                 token_type_ids=work.pad_types, position_ids=work.pad_positions)
@@ -322,24 +279,6 @@ class OpenVINO(Provider):
         return torch.from_numpy(out[0].copy())[self.mask].float()
 
 
-class PaddedEncoder(nn.Module):
-    """The reference's padded encoder (embedding epilogue + layers), exported for ONNX Runtime."""
-
-    def __init__(self, model: DM2S2):
-        super().__init__()
-        self.embeddings, self.layers = model.embeddings, model.layers
-
-    def forward(self, content, positions, types, mask):
-        emb = self.embeddings
-        x = content + F.embedding(positions, emb.position.weight) + F.embedding(types, emb.token_type.weight)
-        x = F.layer_norm(x, emb.layer_norm.normalized_shape, emb.layer_norm.weight, emb.layer_norm.bias,
-                         emb.layer_norm.eps)
-        allowed = mask[:, None, :]
-        for layer in self.layers:
-            x = layer(x, allowed)
-        return x
-
-
 class OnnxRuntime(Provider):
     _session: dict = {}
 
@@ -383,11 +322,6 @@ class OnnxRuntime(Provider):
 
 # ---------------------------------------------------------------------------------------------- run
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm())
-
-
 def build(name: str, dtype, model, model_t, bert, work: Work) -> Provider:
     if name.startswith("floor:"):
         return Floor(model_t, work, name.split(":", 1)[1])
@@ -423,7 +357,7 @@ def run_size(B: int, precisions, model, bert, args, log) -> dict:
                     prov.call()
                     h = prov.hidden()
                 if h is not None:
-                    err = rel_err(h, ref_hidden)
+                    err = relative_error(h, ref_hidden)
                     prov.info["parity"] = err
                     if not err <= PARITY[dtype]:
                         raise Skip(f"parity {err:.2e} > {PARITY[dtype]:.0e} against the fp32 reference")
@@ -626,7 +560,7 @@ def main(argv=None) -> int:
     bert = None
     if {"hf", "openvino"} & set(args.providers):
         try:
-            bert = make_hf_bert(model)
+            bert, _ = make_hf_bert(model)
         except Skip as exc:
             log(f"HF BertModel unavailable: {exc}")
     results = []

@@ -192,6 +192,15 @@ class Recorder:
             r.latencies_ms.append((t_done - t_arrival) * 1e3)
             self.last = t_done if self.last is None else max(self.last, t_done)
 
+    def call(self, req: Request, fn, t_arrival: float):
+        """Run ``fn(req.payload)`` and record its scores or its exception."""
+        try:
+            scores = fn(req.payload)
+        except Exception as exc:  # noqa: BLE001 - recorded
+            self.failed(req, exc)
+        else:
+            self.served(req, scores, t_arrival, time.perf_counter())
+
     def failed(self, req: Request, exc: BaseException):
         with self.lock:
             r = self.run
@@ -258,12 +267,7 @@ def closed_loop(system: str, concurrency: int, reqs, call, rec: Recorder, run_se
                 sent.append(req)
             t0 = time.perf_counter()
             rec.start(t0)
-            try:
-                scores = call(req.payload)
-            except Exception as exc:  # noqa: BLE001 - recorded
-                rec.failed(req, exc)
-            else:
-                rec.served(req, scores, t0, time.perf_counter())
+            rec.call(req, call, t0)
 
     t = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -442,12 +446,7 @@ def main() -> int:
                     if item is None:
                         return
                     req, t_arr = item
-                    try:
-                        scores = direct_call(req.payload)
-                    except Exception as exc:  # noqa: BLE001 - recorded
-                        rec.failed(req, exc)
-                    else:
-                        rec.served(req, scores, t_arr, time.perf_counter())
+                    rec.call(req, direct_call, t_arr)
 
             worker = threading.Thread(target=server)
             worker.start()
@@ -458,16 +457,8 @@ def main() -> int:
         # naive: a thread per request, each calling the engine
         threads_ex = concurrent.futures.ThreadPoolExecutor(max_workers=max(8, len(reqs)))
 
-        def call(req, t_arr):
-            try:
-                scores = direct_call(req.payload)
-            except Exception as exc:  # noqa: BLE001 - recorded
-                rec.failed(req, exc)
-            else:
-                rec.served(req, scores, t_arr, time.perf_counter())
-
         def submit(req, t_arr):
-            fut = threads_ex.submit(call, req, t_arr)
+            fut = threads_ex.submit(rec.call, req, direct_call, t_arr)
             return lambda timeout, f=fut: concurrent.futures.wait([f], timeout)
 
         wall = open_loop(system, reqs, offsets, submit, rec, drain)

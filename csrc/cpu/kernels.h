@@ -91,6 +91,35 @@ struct EmbedParams {
   float eps;
 };
 
+// Row i's inputs with every index checked against its table: false if one is out of range (the
+// kernel then stops and reports i; it never reads or writes out of bounds). Every ISA's
+// embed_layernorm resolves its rows through this one check.
+template <class T>
+struct EmbedRow {
+  const T* content;
+  const T* position;
+  const T* type;
+  T* out;
+};
+
+template <class T>
+inline bool embed_row(const EmbedParams& p, int64_t i, EmbedRow<T>& r) {
+  const int64_t pos = p.positions[i], typ = p.type_ids[i], row = p.out_rows[i];
+  if (p.table) {
+    const int64_t id = p.ids[i];
+    if (id < 0 || id >= p.table_rows) return false;
+    r.content = static_cast<const T*>(p.table) + id * p.table_row;
+  } else {
+    r.content = static_cast<const T*>(p.dense) + i * p.dense_row;
+  }
+  if (pos < 0 || pos >= p.pos_rows || typ < 0 || typ >= p.type_rows || row < 0 || row >= p.out_rows_total)
+    return false;
+  r.position = static_cast<const T*>(p.pos_table) + pos * p.pos_row;
+  r.type = static_cast<const T*>(p.type_table) + typ * p.type_row;
+  r.out = static_cast<T*>(p.out) + row * p.out_row;
+  return true;
+}
+
 // Attention of query rows [q_begin, q_end) (absolute row numbers, inside the group, at most
 // kAttnQBlock of them) over the group's rows [g_begin, g_end), for one head.
 using AttentionFn = void (*)(const AttnParams& p, int64_t g_begin, int64_t g_end, int64_t q_begin,

@@ -241,26 +241,10 @@ void bias_gelu(const void* x_, int64_t x_row, const float* b, void* y_, int64_t 
 template <class T>
 int64_t embed_layernorm(const EmbedParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.d;
-  const T* table = static_cast<const T*>(p.table);
-  const T* dense = static_cast<const T*>(p.dense);
-  const T* pos_table = static_cast<const T*>(p.pos_table);
-  const T* type_table = static_cast<const T*>(p.type_table);
-  T* out = static_cast<T*>(p.out);
+  EmbedRow<T> r;
   for (int64_t i = begin; i < end; ++i) {
-    const int64_t pos = p.positions[i], typ = p.type_ids[i], row = p.out_rows[i];
-    const T* content;
-    if (table) {
-      const int64_t id = p.ids[i];
-      if (id < 0 || id >= p.table_rows) return i;
-      content = table + id * p.table_row;
-    } else {
-      content = dense + i * p.dense_row;
-    }
-    if (pos < 0 || pos >= p.pos_rows || typ < 0 || typ >= p.type_rows || row < 0 ||
-        row >= p.out_rows_total)
-      return i;
-    sum_layernorm_row(RowSum<T, true>{content, pos_table + pos * p.pos_row, type_table + typ * p.type_row},
-                      p.weight, p.bias, out + row * p.out_row, d, p.eps);
+    if (!embed_row(p, i, r)) return i;
+    sum_layernorm_row(RowSum<T, true>{r.content, r.position, r.type}, p.weight, p.bias, r.out, d, p.eps);
   }
   return -1;
 }
